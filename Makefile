@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: install demo test lint typecheck unit
+.PHONY: install demo test lint typecheck unit postgres
 install: $(BIN)/.installed
 
 demo: install
@@ -27,7 +27,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-unit: install
+postgres:
+	bash scripts/ensure_postgres.sh
+
+unit: install postgres
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit

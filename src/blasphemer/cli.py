@@ -1,0 +1,185 @@
+"""Command line: parse, build :class:`~blasphemer.config.Settings`, dispatch, return an exit code.
+
+``blasphemer MODEL`` is short for ``blasphemer run MODEL``. Every option of ``run`` is generated
+from the settings fields, so ``--help`` and ``config.default.toml`` never disagree with the code.
+Errors Blasphemer raises on purpose become one line on standard error and a non-zero exit code;
+tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from blasphemer.config import Settings, load_settings
+from blasphemer.console import Console
+from blasphemer.errors import BlasphemerError, ConfigError
+
+SUBCOMMANDS = ("run", "demo", "worker", "status", "evaluate", "chat", "inspect")
+
+# Settings that are positional or special per subcommand, not generated as --options.
+_POSITIONAL = {"model"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def _option_type(annotation: Any) -> tuple[Callable[[str], Any] | None, bool, bool]:
+    """Map a field annotation to (argparse type, is_bool, is_list)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _option_type(args[0])
+    if annotation is bool:
+        return None, True, False
+    if origin is list:
+        inner, _, _ = _option_type(args[0])
+        return inner, False, True
+    if origin is typing.Literal:
+        return str, False, False
+    if annotation in (int, float, str, Path):
+        return annotation, False, False
+    return str, False, False
+
+
+def _add_settings_options(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    for name, info in Settings.model_fields.items():
+        if name in _POSITIONAL or (names is not None and name not in names):
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind, is_bool, is_list = _option_type(info.annotation)
+        help_text = info.description or ""
+        if is_bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif is_list:
+            parser.add_argument(flag, dest=name, type=kind, nargs="+", default=None, help=help_text)
+        else:
+            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else None
+            parser.add_argument(flag, dest=name, type=kind, default=None, choices=choices, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="blasphemer", description="Remove refusal behaviour from a language model.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        child.add_argument("--config", type=Path, default=None, help="TOML settings file.")
+        return child
+
+    run = command("run", "Optimise an ablation of MODEL and save the chosen result (the default command).")
+    run.add_argument("model", nargs="?", default=None, help="Hugging Face model id or local folder.")
+    _add_settings_options(run)
+
+    demo = command("demo", "Run the main job on the bundled demo model (offline, a few minutes on a CPU).")
+    _add_settings_options(demo, ["n_trials", "seed", "output_dir", "quiet", "debug", "run_dir"])
+
+    worker = command("worker", "Join a shared study and run trials until its budget is used up.")
+    _add_settings_options(worker, ["storage", "study_name", "quiet", "debug", "batch_size", "device_map"])
+
+    status = command("status", "Show the workers, trials and current Pareto front of a study.")
+    _add_settings_options(status, ["storage", "study_name", "debug", "run_dir"])
+
+    evaluate = command("evaluate", "Score MODEL's refusals and KL divergence against --base.")
+    evaluate.add_argument("model", help="Model to score.")
+    evaluate.add_argument("--base", required=True, help="The original model it is compared with.")
+    evaluate.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
+    _add_settings_options(
+        evaluate,
+        ["harmful", "harmless", "harmful_column", "harmless_column", "system_prompt", "refusal_markers",
+         "max_new_tokens", "n_report_prompts", "batch_size", "dtypes", "device_map", "debug", "split_seed"],
+    )
+
+    chat = command("chat", "Chat with a model folder in the terminal (streaming).")
+    chat.add_argument("model", help="Model folder or hub id.")
+    _add_settings_options(chat, ["system_prompt", "max_new_tokens", "dtypes", "device_map", "debug"])
+
+    inspect = command("inspect", "Print the layers and residual-stream writers Blasphemer edits in MODEL.")
+    inspect.add_argument("model", help="Model folder or hub id.")
+    inspect.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
+    _add_settings_options(
+        inspect, ["architecture_override", "trust_remote_code", "revision", "dtypes", "device_map", "debug"]
+    )
+    return parser
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    """``blasphemer MODEL ...`` means ``blasphemer run MODEL ...``."""
+    args = list(argv)
+    if args and args[0] not in SUBCOMMANDS and args[0] not in ("-h", "--help", "--version"):
+        return ["run", *args]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``blasphemer`` console script. Returns the process exit code."""
+    args_list = _normalise_argv(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_list
+    console = Console(quiet="--quiet" in args_list, debug=debug)
+    try:
+        if "--version" in args_list[:1]:
+            from blasphemer import __version__
+
+            console.info(f"blasphemer {__version__}")
+            return 0
+        parser = build_parser()
+        if not args_list:
+            parser.print_help()
+            return 2
+        namespace = parser.parse_args(args_list)
+        return _dispatch(namespace, console)
+    except BlasphemerError as error:
+        if debug:
+            console.exception()
+        console.error(str(error))
+        return error.exit_code
+    except KeyboardInterrupt:
+        console.error("interrupted; finished trials are saved in the study, run the same command to resume")
+        return 130
+
+
+def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
+    values = {k: v for k, v in vars(namespace).items() if k in Settings.model_fields}
+    config_file = namespace.config
+    command = namespace.command
+    if command == "run":
+        settings = load_settings(values, config_file)
+        if settings.model is None:
+            raise ConfigError("no model given; run `blasphemer MODEL` with a hub id or a local folder")
+        from blasphemer import pipeline
+
+        return pipeline.run(settings, console)
+    if command == "demo":
+        from blasphemer import pipeline
+
+        return pipeline.demo(load_settings(values, config_file), console)
+    if command == "worker":
+        from blasphemer import pipeline
+
+        return pipeline.work(load_settings(values, config_file), console)
+    from blasphemer import commands
+
+    if command == "status":
+        return commands.status(load_settings(values, config_file), console)
+    if command == "evaluate":
+        settings = load_settings({**values, "model": namespace.model}, config_file)
+        return commands.evaluate(settings, namespace.base, namespace.json, console)
+    if command == "chat":
+        return commands.chat(load_settings({**values, "model": namespace.model}, config_file), console)
+    if command == "inspect":
+        settings = load_settings({**values, "model": namespace.model}, config_file)
+        return commands.inspect(settings, namespace.json, console)
+    raise ConfigError(f"unknown command {command!r}; choose one of {', '.join(SUBCOMMANDS)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""The only module that prints. Everything a user sees goes through :class:`Console`.
+
+Live progress uses Rich when attached to a terminal; ``quiet`` mode (or a non-terminal) prints
+plain, greppable log lines instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Any
+
+from rich.console import Console as RichConsole
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.prompt import Confirm, Prompt
+from rich.table import Table
+
+TREND_IMPROVING, TREND_WORSE, TREND_FLAT = "▼", "▲", "■"
+
+
+def tier(refusal_rate: float, kl: float) -> str:
+    """Expected quality tier of a trial from its refusal rate (0..1) and KL divergence."""
+    if refusal_rate < 0.01 and kl < 0.15:
+        return "Excellent"
+    if refusal_rate <= 0.025 and kl <= 0.25:
+        return "Very good"
+    if refusal_rate <= 0.05 and kl <= 0.40:
+        return "Good"
+    return "Poor"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+@dataclass
+class TrialMonitor:
+    """Tracks finished trials for the live line: N/M, elapsed, ETA, latest, best so far, trend.
+
+    "Best so far" minimises ``refusal_rate + kl`` (both are on comparable 0..1-ish scales at the
+    interesting end); the trend compares the median of that key over the last ``window`` trials
+    with the ``window`` before them (▼ improving, ▲ worse, ■ within 5 %).
+    """
+
+    total: int
+    done_before: int = 0
+    window: int = 5
+    started: float = field(default_factory=time.monotonic)
+    keys: list[float] = field(default_factory=list)
+    best: tuple[int, float, float] | None = None  # (trial number, refusal rate, kl)
+
+    def record(self, number: int, refusal_rate: float, kl: float) -> None:
+        key = refusal_rate + kl
+        self.keys.append(key)
+        if self.best is None or key < self.best[1] + self.best[2]:
+            self.best = (number, refusal_rate, kl)
+
+    @property
+    def done(self) -> int:
+        return self.done_before + len(self.keys)
+
+    def trend(self) -> str:
+        if len(self.keys) < 2 * self.window:
+            return TREND_FLAT
+        recent = median(self.keys[-self.window :])
+        earlier = median(self.keys[-2 * self.window : -self.window])
+        if recent < earlier * 0.95:
+            return TREND_IMPROVING
+        if recent > earlier * 1.05:
+            return TREND_WORSE
+        return TREND_FLAT
+
+    def eta_seconds(self) -> float | None:
+        if not self.keys:
+            return None
+        elapsed = time.monotonic() - self.started
+        return elapsed / len(self.keys) * max(self.total - self.done, 0)
+
+    def line(self, latest: tuple[int, float, float] | None) -> str:
+        elapsed = format_duration(time.monotonic() - self.started)
+        eta = self.eta_seconds()
+        parts = [f"trial {self.done}/{self.total}", f"elapsed {elapsed}"]
+        parts.append(f"ETA {format_duration(eta)}" if eta is not None else "ETA --")
+        if latest is not None:
+            parts.append(f"latest #{latest[0]}: refusals {latest[1]:.1%}, KL {latest[2]:.3f}")
+        if self.best is not None:
+            number, rate, kl = self.best
+            parts.append(
+                f"best #{number}: refusals {rate:.1%}, KL {kl:.3f} {self.trend()} ({tier(rate, kl)})"
+            )
+        return " | ".join(parts)
+
+
+class Console:
+    """Prints progress, tables and questions. ``quiet`` turns live displays into log lines."""
+
+    def __init__(self, quiet: bool = False, debug: bool = False, stream: Any = None) -> None:
+        self.quiet = quiet
+        self.debug = debug
+        self._out = RichConsole(file=stream or sys.stdout, highlight=False, soft_wrap=True)
+        self._err = RichConsole(file=sys.stderr, highlight=False, soft_wrap=True)
+        self.interactive = sys.stdin.isatty() and self._out.is_terminal
+
+    # --- lines ------------------------------------------------------------------------------
+    def info(self, message: str) -> None:
+        self._out.print(escape(message))
+
+    def stage(self, number: int, total: int, title: str) -> None:
+        self._out.print(f"[bold cyan][{number}/{total}][/] {escape(title)}")
+
+    def warn(self, message: str) -> None:
+        self._err.print(f"[yellow]warning:[/] {escape(message)}")
+
+    def error(self, message: str) -> None:
+        """One line on standard error; the caller decides the exit code."""
+        self._err.print(f"[bold red]error:[/] {escape(message)}")
+
+    def exception(self) -> None:
+        self._err.print_exception()
+
+    # --- progress -----------------------------------------------------------------------------
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        """Yield ``advance(n)`` for a bar of ``total`` units (a single log line in quiet mode)."""
+        if self.quiet or not self._out.is_terminal:
+            started = time.monotonic()
+            yield lambda _n: None
+            self.info(f"{description}: {total} done in {format_duration(time.monotonic() - started)}")
+            return
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self._out, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n: bar.advance(task, n)
+        self.info(f"{description}: {total} done")
+
+    def trial_finished(self, monitor: TrialMonitor, number: int, refusal_rate: float, kl: float) -> None:
+        monitor.record(number, refusal_rate, kl)
+        self.info(monitor.line((number, refusal_rate, kl)))
+
+    # --- tables ----------------------------------------------------------------------------------
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        if self.quiet or not self._out.is_terminal:
+            self.info(title)
+            self.info("  " + " | ".join(columns))
+            for row in rows:
+                self.info("  " + " | ".join(row))
+            return
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(escape(cell) for cell in row))
+        self._out.print(table)
+
+    # --- questions -------------------------------------------------------------------------------
+    def ask(self, question: str, choices: Sequence[str], default: str) -> str:
+        """Ask for one of ``choices``; without a terminal the default is taken and said."""
+        if not self.interactive:
+            self.info(f"{question} -> {default} (no terminal)")
+            return default
+        return Prompt.ask(question, choices=list(choices), default=default, console=self._out)
+
+    def confirm(self, question: str, default: bool) -> bool:
+        if not self.interactive:
+            self.info(f"{question} -> {'yes' if default else 'no'} (no terminal)")
+            return default
+        return Confirm.ask(question, default=default, console=self._out)
+
+    def text(self, prompt: str) -> str:
+        """Read one line from the user (chat REPL)."""
+        return self._out.input(prompt)
+
+    def stream(self, piece: str) -> None:
+        """Print a streamed fragment without a newline (chat REPL)."""
+        self._out.print(escape(piece), end="")

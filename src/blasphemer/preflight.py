@@ -1,0 +1,147 @@
+"""Checks before anything heavy is loaded: does the model exist, will it fit, can we write the result?
+
+A run that would die an hour in for lack of memory or disk, or that would write over its own
+source, stops here with one line saying what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from blasphemer.errors import ExportError, ModelLoadError
+
+_BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_HEADROOM = 1.15  # activations, KV cache and allocator slack on top of the weights
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the run needs next to what the machine has, in bytes."""
+
+    weights_on_disk: int
+    weights_in_memory: int
+    memory_available: int
+    disk_available: int | None
+
+    def summary(self) -> str:
+        def gib(n: int) -> str:
+            return f"{n / 2**30:.2f} GiB"
+
+        return (
+            f"weights {gib(self.weights_in_memory)} in memory; available {gib(self.memory_available)}"
+        )
+
+
+def is_local_model(model: str) -> bool:
+    """True when ``model`` names a local path rather than a hub id."""
+    path = Path(model).expanduser()
+    return path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def check_model_path(model: str) -> Path | None:
+    """Return the local folder of ``model`` (None for a hub id); raise if a local path is unusable."""
+    if not is_local_model(model):
+        return None
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {model} does not exist; pass a model folder or a hub id")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{model} is not a model folder (no config.json); pass the folder save_pretrained wrote"
+        )
+    return path.resolve()
+
+
+def weights_size(folder: Path) -> int:
+    """Bytes of the weight files in a model folder."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+
+
+def checkpoint_dtype_bytes(folder: Path) -> int:
+    """Bytes per parameter as stored in the checkpoint (from config.json; 2 if unknown)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 2
+    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return _BYTES_PER_DTYPE.get(str(dtype), 2)
+
+
+def memory_available(device_map: str) -> int:
+    """Bytes the weights may occupy: free CPU RAM, plus free GPU memory unless forced onto the CPU."""
+    total = int(psutil.virtual_memory().available)
+    if device_map != "cpu" and torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, _ = torch.cuda.mem_get_info(index)
+            total += int(free)
+    return total
+
+
+def estimate(folder: Path, dtypes: list[str], device_map: str, quantization: str) -> Budget:
+    """Estimate the memory the run needs for the first dtype it will try."""
+    on_disk = weights_size(folder)
+    stored = checkpoint_dtype_bytes(folder)
+    wanted = next((d for d in dtypes if d != "auto"), None) if dtypes[0] != "auto" else None
+    factor = _BYTES_PER_DTYPE[wanted] / stored if wanted else 1.0
+    if quantization == "bnb_4bit":
+        factor = 0.5 / stored * 1.1
+    return Budget(
+        weights_on_disk=on_disk,
+        weights_in_memory=int(on_disk * factor * _HEADROOM),
+        memory_available=memory_available(device_map),
+        disk_available=None,
+    )
+
+
+def check_memory(budget: Budget, dtypes: list[str]) -> None:
+    """Raise with the option that would fit when the weights cannot fit in memory."""
+    if budget.weights_in_memory <= budget.memory_available:
+        return
+    hint = (
+        "use --quantization bnb_4bit on a CUDA machine"
+        if torch.cuda.is_available()
+        else "use a machine with more memory or --dtypes bfloat16"
+    )
+    if "float32" in dtypes[:1]:
+        hint = "try --dtypes bfloat16 (half the memory of float32)"
+    raise ModelLoadError(f"the model will not fit: {budget.summary()}; {hint}")
+
+
+def _writable(folder: Path) -> bool:
+    """Probe by creating (and removing) a file: permission bits lie for root and read-only mounts."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".blasphemer-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+def check_output_dir(output_dir: Path, source: Path | None, needed_bytes: int) -> None:
+    """Refuse an output folder that is the source (or inside it), unwritable, or on a full disk."""
+    target = output_dir.expanduser().resolve()
+    if source is not None and (target == source or source in target.parents):
+        raise ExportError(
+            f"--output-dir {output_dir} is the source model folder (or inside it); choose another folder"
+        )
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"--output-dir {output_dir} is a file; choose a folder path")
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is None or not _writable(existing):
+        raise ExportError(f"cannot write to --output-dir {output_dir} (no permission); choose a writable folder")
+    free = shutil.disk_usage(existing).free
+    if needed_bytes > free:
+        raise ExportError(
+            f"not enough disk for --output-dir {output_dir}: need {needed_bytes / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB free; free space or choose another disk"
+        )
