@@ -26,7 +26,7 @@ from blasphemer.architectures.base import ComponentKind, Layout
 
 
 def as_out_in(weight: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Return a view of ``weight`` with the residual dimension second to last (``[..., out, in]``)."""
+    """View ``weight`` with the residual dimension second to last (``[..., out, in]``)."""
     if layout in (Layout.IN_OUT, Layout.EXPERTS_IN_OUT):
         return weight.transpose(-1, -2)
     return weight
@@ -41,7 +41,7 @@ def project_out(x: torch.Tensor, direction: torch.Tensor, strength: float) -> to
 def orthogonalize(
     weight: torch.Tensor, direction: torch.Tensor, strength: float, layout: Layout
 ) -> torch.Tensor:
-    """Return a new weight whose writes have ``strength`` of their component along ``direction`` removed.
+    """Return a new weight whose writes lose ``strength`` of their component along ``direction``.
 
     Computed in float32 (or the weight's dtype if wider) and cast back to the weight's dtype.
     """
@@ -53,7 +53,9 @@ def orthogonalize(
     return _from_out_in(edited, layout).to(weight.dtype)
 
 
-def orthogonalize_bias(bias: torch.Tensor, direction: torch.Tensor, strength: float) -> torch.Tensor:
+def orthogonalize_bias(
+    bias: torch.Tensor, direction: torch.Tensor, strength: float
+) -> torch.Tensor:
     """Return ``b - strength · r (rᵀ b)`` for a bias ``[..., out]``."""
     work_dtype = torch.promote_types(bias.dtype, torch.float32)
     r = direction.to(device=bias.device, dtype=work_dtype)
@@ -63,7 +65,7 @@ def orthogonalize_bias(bias: torch.Tensor, direction: torch.Tensor, strength: fl
 def column_scale(
     weight: torch.Tensor, direction: torch.Tensor, strength: float, layout: Layout
 ) -> torch.Tensor:
-    """Per-input-neuron factors ``‖W_j‖ / ‖W'_j‖`` that restore column norms after orthogonalisation.
+    """Per-input-neuron factors ``‖W_j‖ / ‖W'_j‖`` restoring column norms after the edit.
 
     Returns a float32 tensor ``[..., in]``. Columns that the edit zeroes completely keep factor 1.
     """

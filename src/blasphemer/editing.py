@@ -100,8 +100,7 @@ def _edit_writer(
     strength: float,
     norm_preserving: bool,
 ) -> None:
-    device = writer.weight.device
-    r = direction.to(device=device, dtype=torch.float32)
+    r = writer.output_direction(direction)  # = direction unless a post-norm follows the writer
     if norm_preserving and writer.layout in _FUSED:
         _edit_in_place(handle, writer, r, strength)
         return
@@ -115,7 +114,9 @@ def _edit_in_place(handle: EditHandle, writer: Writer, r: torch.Tensor, strength
     with torch.no_grad():
         weight = writer.weight
         handle._saved.append((weight, weight.detach().clone()))
-        weight.copy_(ablation.orthogonalize_norm_preserving(weight.detach(), r, strength, writer.layout))
+        weight.copy_(
+            ablation.orthogonalize_norm_preserving(weight.detach(), r, strength, writer.layout)
+        )
         if writer.bias is not None:
             handle._saved.append((writer.bias, writer.bias.detach().clone()))
             writer.bias.copy_(ablation.orthogonalize_bias(writer.bias.detach(), r, strength))
@@ -157,10 +158,16 @@ def merge_ablation(
                 strength = 0.0 if weights is None else float(weights[layer_index])
                 if strength == 0.0:
                     continue
-                r = directions[layer_index].to(writer.weight.device, torch.float32)
-                math = ablation.orthogonalize_norm_preserving if norm_preserving else ablation.orthogonalize
+                r = writer.output_direction(directions[layer_index])
+                math = (
+                    ablation.orthogonalize_norm_preserving
+                    if norm_preserving
+                    else ablation.orthogonalize
+                )
                 writer.weight.copy_(math(writer.weight.detach(), r, strength, writer.layout))
                 if writer.bias is not None:
-                    writer.bias.copy_(ablation.orthogonalize_bias(writer.bias.detach(), r, strength))
+                    writer.bias.copy_(
+                        ablation.orthogonalize_bias(writer.bias.detach(), r, strength)
+                    )
                 edited += 1
     return edited

@@ -7,13 +7,13 @@ spec against a loaded model yields a :class:`ModelMap` that holds the actual mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import nn
 
 
-class Layout(str, Enum):
+class Layout(StrEnum):
     """How a writer stores its weight. ``out`` is the residual (hidden) dimension."""
 
     OUT_IN = "out_in"  # nn.Linear: weight [out, in], bias [out]
@@ -22,7 +22,7 @@ class Layout(str, Enum):
     EXPERTS_IN_OUT = "experts_in_out"  # GPT-OSS fused experts: [E, in, out], bias [E, out]
 
 
-class ComponentKind(str, Enum):
+class ComponentKind(StrEnum):
     """Groups of writers that share one weight kernel during optimisation."""
 
     ATTENTION = "attn"
@@ -37,6 +37,10 @@ class WriterSpec:
     order (hybrid models whose layers differ: ``("self_attn.o_proj", "linear_attn.out_proj")``).
     ``weight``/``bias`` name the parameters on that module. ``optional`` writers may be absent on
     some layers (e.g. dense layers before the first MoE layer in DeepSeek-V3).
+
+    ``post_norm`` names an RMS norm that sits between this module's output and the residual add
+    (Gemma 2/3 and OLMo 2 "sandwich" norms); it multiplies by ``post_norm_offset + weight``
+    (Gemma: ``1 + weight``). See :meth:`Writer.output_direction` for why that matters.
     """
 
     kind: ComponentKind
@@ -45,6 +49,8 @@ class WriterSpec:
     weight: str = "weight"
     bias: str = "bias"
     optional: bool = False
+    post_norm: str | None = None
+    post_norm_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,22 @@ class ArchitectureSpec:
 
 
 @dataclass(eq=False)
+class PostNorm:
+    """An RMS norm applied to a writer's output before the residual add.
+
+    It computes ``(offset + weight) ⊙ u / rms(u)``: an elementwise gain times a per-token scalar.
+    """
+
+    path: str
+    weight: nn.Parameter
+    offset: float = 0.0
+
+    def gain(self) -> torch.Tensor:
+        """The elementwise gain ``offset + weight`` as float32."""
+        return self.weight.detach().to(torch.float32) + self.offset
+
+
+@dataclass(eq=False)
 class Writer:
     """A resolved writer: the live module and its parameters inside one layer."""
 
@@ -68,10 +90,31 @@ class Writer:
     weight: nn.Parameter
     bias: nn.Parameter | None
     layout: Layout
+    post_norm: PostNorm | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.weight.shape)
+
+    def output_direction(self, direction: torch.Tensor) -> torch.Tensor:
+        """The unit direction to remove from ``module``'s output so that ``direction`` is removed
+        from what this writer adds to the residual stream. float32, on the weight's device.
+
+        Without a post-norm that is ``direction`` itself. With one, the residual receives
+        ``y = g ⊙ u / rms(u)``, so ``rᵀy = (g ⊙ r)ᵀu / rms(u)``: ``y`` has no component along ``r``
+        exactly when ``u`` has none along ``g ⊙ r``. Removing the normalised ``g ⊙ r`` from ``u``
+        is a plain linear edit of this module, so hooks and merged weights stay the same
+        function, and at strength 1 the residual write along ``r`` is exactly zero. (At strength
+        ``s < 1`` the residual component shrinks by ``(1 - s)`` up to the changed ``rms(u)``.)
+        If the gain is zero along ``r`` the writer cannot reach ``r`` and a zero vector (no
+        edit) is returned.
+        """
+        r = direction.to(device=self.weight.device, dtype=torch.float32)
+        if self.post_norm is None:
+            return r
+        pulled_back = self.post_norm.gain().to(r.device) * r
+        length = torch.linalg.vector_norm(pulled_back)
+        return pulled_back / length.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @dataclass(eq=False)
