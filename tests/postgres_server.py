@@ -4,6 +4,7 @@ listening on 127.0.0.1 on a free port with its socket in that dir, stopped (and 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -45,7 +46,16 @@ class PostgresServer:
 
     def create_database(self, name: str) -> str:
         _as_postgres(
-            [str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name]
+            [
+                str(self.bin_dir / "createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                name,
+            ]
         )
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
@@ -53,17 +63,31 @@ class PostgresServer:
     def start(cls) -> PostgresServer:
         bin_dir = find_bin_dir()
         if bin_dir is None:
-            raise RuntimeError("PostgreSQL server binaries not found; install Debian's postgresql package")
+            raise RuntimeError(
+                "PostgreSQL server binaries not found; install Debian's postgresql package"
+            )
         root = Path(tempfile.mkdtemp(prefix="blasphemer-pg-"))
         os.chmod(root, 0o777)
         if os.geteuid() == 0:
             shutil.chown(root, "postgres", "postgres")
         data = root / "data"
-        _as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"])
+        _as_postgres(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"]
+        )
         port = _free_port()
         options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
         _as_postgres(
-            [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(root / "log"),
+                "-w",
+                "start",
+            ]
         )
         server = cls(root=root, port=port, bin_dir=bin_dir)
         deadline = time.monotonic() + 30
@@ -76,8 +100,15 @@ class PostgresServer:
         raise RuntimeError(f"PostgreSQL did not start; see {root / 'log'}")
 
     def stop(self) -> None:
-        try:
-            _as_postgres([str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate", "stop"])
-        except subprocess.CalledProcessError:
-            pass
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _as_postgres(
+                [
+                    str(self.bin_dir / "pg_ctl"),
+                    "-D",
+                    str(self.root / "data"),
+                    "-m",
+                    "immediate",
+                    "stop",
+                ]
+            )
         shutil.rmtree(self.root, ignore_errors=True)

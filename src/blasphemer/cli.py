@@ -51,24 +51,36 @@ def _option_type(annotation: Any) -> tuple[Callable[[str], Any] | None, bool, bo
     return str, False, False
 
 
-def _add_settings_options(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+def _add_settings_options(
+    parser: argparse.ArgumentParser, names: Sequence[str] | None = None
+) -> None:
     for name, info in Settings.model_fields.items():
         if name in _POSITIONAL or (names is not None and name not in names):
             continue
         flag = "--" + name.replace("_", "-")
         kind, is_bool, is_list = _option_type(info.annotation)
         help_text = info.description or ""
-        if is_bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        if is_bool or kind is None:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif is_list:
             parser.add_argument(flag, dest=name, type=kind, nargs="+", default=None, help=help_text)
         else:
-            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else None
-            parser.add_argument(flag, dest=name, type=kind, default=None, choices=choices, help=help_text)
+            choices = (
+                typing.get_args(info.annotation)
+                if typing.get_origin(info.annotation) is typing.Literal
+                else None
+            )
+            parser.add_argument(
+                flag, dest=name, type=kind, default=None, choices=choices, help=help_text
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="blasphemer", description="Remove refusal behaviour from a language model.")
+    parser = _Parser(
+        prog="blasphemer", description="Remove refusal behaviour from a language model."
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -76,15 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
         child.add_argument("--config", type=Path, default=None, help="TOML settings file.")
         return child
 
-    run = command("run", "Optimise an ablation of MODEL and save the chosen result (the default command).")
-    run.add_argument("model", nargs="?", default=None, help="Hugging Face model id or local folder.")
+    run = command(
+        "run", "Optimise an ablation of MODEL and save the chosen result (the default command)."
+    )
+    run.add_argument(
+        "model", nargs="?", default=None, help="Hugging Face model id or local folder."
+    )
     _add_settings_options(run)
 
-    demo = command("demo", "Run the main job on the bundled demo model (offline, a few minutes on a CPU).")
+    demo = command(
+        "demo", "Run the main job on the bundled demo model (offline, a few minutes on a CPU)."
+    )
     _add_settings_options(demo, ["n_trials", "seed", "output_dir", "quiet", "debug", "run_dir"])
 
     worker = command("worker", "Join a shared study and run trials until its budget is used up.")
-    _add_settings_options(worker, ["storage", "study_name", "quiet", "debug", "batch_size", "device_map"])
+    _add_settings_options(
+        worker, ["storage", "study_name", "quiet", "debug", "batch_size", "device_map"]
+    )
 
     status = command("status", "Show the workers, trials and current Pareto front of a study.")
     _add_settings_options(status, ["storage", "study_name", "debug", "run_dir"])
@@ -95,19 +115,37 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
     _add_settings_options(
         evaluate,
-        ["harmful", "harmless", "harmful_column", "harmless_column", "system_prompt", "refusal_markers",
-         "max_new_tokens", "n_report_prompts", "batch_size", "dtypes", "device_map", "debug", "split_seed"],
+        [
+            "harmful",
+            "harmless",
+            "harmful_column",
+            "harmless_column",
+            "system_prompt",
+            "refusal_markers",
+            "max_new_tokens",
+            "n_report_prompts",
+            "batch_size",
+            "dtypes",
+            "device_map",
+            "debug",
+            "split_seed",
+        ],
     )
 
     chat = command("chat", "Chat with a model folder in the terminal (streaming).")
     chat.add_argument("model", help="Model folder or hub id.")
-    _add_settings_options(chat, ["system_prompt", "max_new_tokens", "dtypes", "device_map", "debug"])
+    _add_settings_options(
+        chat, ["system_prompt", "max_new_tokens", "dtypes", "device_map", "debug"]
+    )
 
-    inspect = command("inspect", "Print the layers and residual-stream writers Blasphemer edits in MODEL.")
+    inspect = command(
+        "inspect", "Print the layers and residual-stream writers Blasphemer edits in MODEL."
+    )
     inspect.add_argument("model", help="Model folder or hub id.")
     inspect.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
     _add_settings_options(
-        inspect, ["architecture_override", "trust_remote_code", "revision", "dtypes", "device_map", "debug"]
+        inspect,
+        ["architecture_override", "trust_remote_code", "revision", "dtypes", "device_map", "debug"],
     )
     return parser
 
@@ -143,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.error(str(error))
         return error.exit_code
     except KeyboardInterrupt:
-        console.error("interrupted; finished trials are saved in the study, run the same command to resume")
+        console.error(
+            "interrupted; finished trials are saved in the study, run the same command to resume"
+        )
         return 130
 
 
@@ -154,7 +194,9 @@ def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
     if command == "run":
         settings = load_settings(values, config_file)
         if settings.model is None:
-            raise ConfigError("no model given; run `blasphemer MODEL` with a hub id or a local folder")
+            raise ConfigError(
+                "no model given; run `blasphemer MODEL` with a hub id or a local folder"
+            )
         from blasphemer import pipeline
 
         return pipeline.run(settings, console)
@@ -174,7 +216,9 @@ def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
         settings = load_settings({**values, "model": namespace.model}, config_file)
         return commands.evaluate(settings, namespace.base, namespace.json, console)
     if command == "chat":
-        return commands.chat(load_settings({**values, "model": namespace.model}, config_file), console)
+        return commands.chat(
+            load_settings({**values, "model": namespace.model}, config_file), console
+        )
     if command == "inspect":
         settings = load_settings({**values, "model": namespace.model}, config_file)
         return commands.inspect(settings, namespace.json, console)

@@ -38,18 +38,18 @@ DEFAULT_MARKERS: tuple[str, ...] = (
     "i refuse",
 )
 
-_toml_values: ContextVar[dict[str, Any]] = ContextVar("_toml_values", default={})
+_toml_values: ContextVar[dict[str, Any] | None] = ContextVar("_toml_values", default=None)
 
 
 class _TomlSource(PydanticBaseSettingsSource):
-    """Values read from the ``--config`` file (already parsed and checked by :func:`load_settings`)."""
+    """Values from the ``--config`` file (parsed and checked by :func:`load_settings`)."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        values = _toml_values.get()
+        values = _toml_values.get() or {}
         return values.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_toml_values.get())
+        return dict(_toml_values.get() or {})
 
 
 class Settings(BaseSettings):
@@ -61,33 +61,49 @@ class Settings(BaseSettings):
 
     # --- model ---------------------------------------------------------------------------
     model: str | None = Field(None, description="Hugging Face model id or local model folder.")
-    revision: str | None = Field(None, description="Model revision (branch, tag or commit) on the hub.")
+    revision: str | None = Field(
+        None, description="Model revision (branch, tag or commit) on the hub."
+    )
     dtypes: list[str] = Field(
         ["auto", "bfloat16", "float16", "float32"],
-        description="Weight dtypes to try in order; the first that loads and produces finite logits wins.",
+        description="Weight dtypes to try in order; the first that loads with finite logits wins.",
     )
-    device_map: str = Field("auto", description='Accelerate device map: "auto", "cpu", "cuda:0", ...')
+    device_map: str = Field(
+        "auto", description='Accelerate device map: "auto", "cpu", "cuda:0", ...'
+    )
     quantization: Literal["none", "bnb_4bit"] = Field(
         "none", description="Load the weights in 4-bit with bitsandbytes (CUDA only)."
     )
     trust_remote_code: bool = Field(
-        False, description="Allow the model's own Python code from the hub to run (only if you trust it)."
+        False,
+        description="Allow the model's own Python code from the hub to run (only if you trust it).",
     )
     architecture_override: Path | None = Field(
-        None, description="TOML file naming the decoder layers and writer modules of an unknown model."
+        None,
+        description="TOML file naming the decoder layers and writer modules of an unknown model.",
     )
 
     # --- prompts --------------------------------------------------------------------------
     harmful: str = Field(
         "bundled:harmful",
-        description='Harmful prompt set: "bundled:harmful", a file (.txt/.json/.jsonl/.csv/.parquet), '
-        'a saved datasets folder, or "hf:owner/name[:split[:column]]".',
+        description='Harmful prompt set: "bundled:harmful", a file (.txt/.json/.jsonl/.csv/'
+        '.parquet), a saved datasets folder, or "hf:owner/name[:split[:column]]".',
     )
-    harmless: str = Field("bundled:harmless", description="Harmless prompt set (same forms as --harmful).")
-    harmful_column: str | None = Field(None, description="Column or field holding the harmful prompts.")
-    harmless_column: str | None = Field(None, description="Column or field holding the harmless prompts.")
-    system_prompt: str | None = Field(None, description="System prompt used when rendering every prompt.")
-    split_seed: int = Field(0, description="Seed of the fit/select/report split of the prompt sets.")
+    harmless: str = Field(
+        "bundled:harmless", description="Harmless prompt set (same forms as --harmful)."
+    )
+    harmful_column: str | None = Field(
+        None, description="Column or field holding the harmful prompts."
+    )
+    harmless_column: str | None = Field(
+        None, description="Column or field holding the harmless prompts."
+    )
+    system_prompt: str | None = Field(
+        None, description="System prompt used when rendering every prompt."
+    )
+    split_seed: int = Field(
+        0, description="Seed of the fit/select/report split of the prompt sets."
+    )
     max_fit_prompts: int = Field(
         400, ge=2, description="At most this many prompts per set are used to fit the directions."
     )
@@ -100,31 +116,45 @@ class Settings(BaseSettings):
 
     # --- directions and ablation ------------------------------------------------------------
     projected_directions: bool = Field(
-        False, description="Remove each direction's component along the harmless mean (projected abliteration)."
+        False,
+        description="Remove each direction's component along the harmless mean (projected).",
     )
     norm_preserving: bool = Field(
-        False, description="Keep every input neuron's write-vector norm while removing the direction."
+        False,
+        description="Keep every input neuron's write-vector norm while removing the direction.",
     )
 
     # --- scoring ---------------------------------------------------------------------------
     refusal_markers: list[str] = Field(
-        list(DEFAULT_MARKERS), description="Substrings that mark a response as a refusal (after normalisation)."
+        list(DEFAULT_MARKERS),
+        description="Substrings that mark a response as a refusal (after normalisation).",
     )
     max_new_tokens: int = Field(
         100, ge=1, description="Response length for the held-out report (and for --exact-verdicts)."
     )
     decided_after: int = Field(
-        16, ge=1, description="During the search a response with this many clean tokens counts as compliant."
+        16,
+        ge=1,
+        description="During the search a response with this many clean tokens counts as compliant.",
     )
     exact_verdicts: bool = Field(
-        False, description="Judge every search response on the full --max-new-tokens (slower, no early stop)."
+        False,
+        description="Judge every search response on the full --max-new-tokens (no early stop).",
     )
     kl_positions: int = Field(
-        1, ge=1, description="KL over this many positions of the original model's greedy answer (1 = first token)."
+        1,
+        ge=1,
+        description="KL over this many positions of the original greedy answer (1 = first token).",
     )
-    batch_size: int | None = Field(None, ge=1, description="Prompts per forward pass (default: measured).")
-    max_batch_size: int = Field(64, ge=1, description="Upper bound when the batch size is chosen automatically.")
-    scorers: list[Path] = Field([], description="Python files defining extra objectives (Scorer classes).")
+    batch_size: int | None = Field(
+        None, ge=1, description="Prompts per forward pass (default: measured)."
+    )
+    max_batch_size: int = Field(
+        64, ge=1, description="Upper bound when the batch size is chosen automatically."
+    )
+    scorers: list[Path] = Field(
+        [], description="Python files defining extra objectives (Scorer classes)."
+    )
 
     # --- optimisation -----------------------------------------------------------------------
     n_trials: int = Field(100, ge=1, description="Trial budget of the study.")
@@ -132,26 +162,36 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="Seed of the optimiser.")
     storage: str | None = Field(
         None,
-        description="Optuna storage URL (default: SQLite in the run directory; postgresql://... for many "
-        "workers). The password may come from the environment instead of the URL.",
+        description="Optuna storage URL (default: SQLite in the run directory; postgresql://... "
+        "for many workers). The password may come from the environment instead of the URL.",
     )
-    study_name: str | None = Field(None, description="Study name (default: derived from the model).")
+    study_name: str | None = Field(
+        None, description="Study name (default: derived from the model)."
+    )
     resume: bool | None = Field(
         None, description="Continue an existing study (--resume) or start over (--no-resume)."
     )
     heartbeat_interval: int = Field(30, ge=1, description="Seconds between a worker's heartbeats.")
-    grace_period: int = Field(120, ge=2, description="Seconds without heartbeat before a trial is retried.")
+    grace_period: int = Field(
+        120, ge=2, description="Seconds without heartbeat before a trial is retried."
+    )
     run_dir: Path | None = Field(None, description="Folder for the study database and caches.")
 
     # --- results -----------------------------------------------------------------------------
-    output_dir: Path | None = Field(None, description="Where the merged model, results.json and report go.")
+    output_dir: Path | None = Field(
+        None, description="Where the merged model, results.json and report go."
+    )
     select: str | None = Field(
         None,
-        description='Trial to save: a trial number, "lowest-kl:refusals<=0.05", "lowest-refusals:kl<=0.2" '
-        'or "knee" (default with --yes).',
+        description='Trial to save: a trial number, "lowest-kl:refusals<=0.05", '
+        '"lowest-refusals:kl<=0.2" or "knee" (default with --yes).',
     )
-    yes: bool = Field(False, description="Ask no questions: pick with --select (or the default rule) and save.")
-    upload_repo: str | None = Field(None, description="Also upload the saved model to this hub repo id.")
+    yes: bool = Field(
+        False, description="Ask no questions: pick with --select (or the default rule) and save."
+    )
+    upload_repo: str | None = Field(
+        None, description="Also upload the saved model to this hub repo id."
+    )
     upload_private: bool = Field(True, description="Create the uploaded repo as private.")
     quiet: bool = Field(False, description="No live display; plain log lines only.")
     debug: bool = Field(False, description="Show tracebacks for errors.")
@@ -193,11 +233,13 @@ def read_toml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; check the --config path") from None
     except (OSError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"cannot read config file {path}: {error}; fix the file or drop --config") from None
+        raise ConfigError(
+            f"cannot read config file {path}: {error}; fix the file or drop --config"
+        ) from None
     unknown = sorted(set(data) - set(Settings.model_fields))
     if unknown:
         raise ConfigError(
-            f"config file {path} has unknown keys {unknown}; see config.default.toml for valid names"
+            f"config file {path} has unknown keys {unknown}; see config.default.toml for names"
         )
     return data
 

@@ -35,7 +35,7 @@ def tier(refusal_rate: float, kl: float) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
@@ -93,9 +93,8 @@ class TrialMonitor:
             parts.append(f"latest #{latest[0]}: refusals {latest[1]:.1%}, KL {latest[2]:.3f}")
         if self.best is not None:
             number, rate, kl = self.best
-            parts.append(
-                f"best #{number}: refusals {rate:.1%}, KL {kl:.3f} {self.trend()} ({tier(rate, kl)})"
-            )
+            best = f"best #{number}: refusals {rate:.1%}, KL {kl:.3f}"
+            parts.append(f"{best} {self.trend()} ({tier(rate, kl)})")
         return " | ".join(parts)
 
 
@@ -133,7 +132,9 @@ class Console:
         if self.quiet or not self._out.is_terminal:
             started = time.monotonic()
             yield lambda _n: None
-            self.info(f"{description}: {total} done in {format_duration(time.monotonic() - started)}")
+            self.info(
+                f"{description}: {total} done in {format_duration(time.monotonic() - started)}"
+            )
             return
         columns = (
             TextColumn("{task.description}"),
@@ -146,7 +147,9 @@ class Console:
             yield lambda n: bar.advance(task, n)
         self.info(f"{description}: {total} done")
 
-    def trial_finished(self, monitor: TrialMonitor, number: int, refusal_rate: float, kl: float) -> None:
+    def trial_finished(
+        self, monitor: TrialMonitor, number: int, refusal_rate: float, kl: float
+    ) -> None:
         monitor.record(number, refusal_rate, kl)
         self.info(monitor.line((number, refusal_rate, kl)))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class BlasphemerError(Exception):
-    """Base class of every error Blasphemer raises on purpose. ``exit_code`` is what the CLI returns."""
+    """Base of every error Blasphemer raises on purpose; ``exit_code`` is what the CLI returns."""
 
     exit_code = 1
 

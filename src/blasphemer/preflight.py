@@ -1,4 +1,4 @@
-"""Checks before anything heavy is loaded: does the model exist, will it fit, can we write the result?
+"""Checks before anything heavy is loaded: does the model exist, fit, and can we write?
 
 A run that would die an hour in for lack of memory or disk, or that would write over its own
 source, stops here with one line saying what to change.
@@ -36,9 +36,8 @@ class Budget:
         def gib(n: int) -> str:
             return f"{n / 2**30:.2f} GiB"
 
-        return (
-            f"weights {gib(self.weights_in_memory)} in memory; available {gib(self.memory_available)}"
-        )
+        needed, free = gib(self.weights_in_memory), gib(self.memory_available)
+        return f"weights {needed} in memory; available {free}"
 
 
 def is_local_model(model: str) -> bool:
@@ -48,7 +47,7 @@ def is_local_model(model: str) -> bool:
 
 
 def check_model_path(model: str) -> Path | None:
-    """Return the local folder of ``model`` (None for a hub id); raise if a local path is unusable."""
+    """Local folder of ``model`` (None for a hub id); raises if a local path is unusable."""
     if not is_local_model(model):
         return None
     path = Path(model).expanduser()
@@ -77,7 +76,7 @@ def checkpoint_dtype_bytes(folder: Path) -> int:
 
 
 def memory_available(device_map: str) -> int:
-    """Bytes the weights may occupy: free CPU RAM, plus free GPU memory unless forced onto the CPU."""
+    """Bytes the weights may use: free CPU RAM, plus free GPU memory unless forced to CPU."""
     total = int(psutil.virtual_memory().available)
     if device_map != "cpu" and torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -117,7 +116,7 @@ def check_memory(budget: Budget, dtypes: list[str]) -> None:
 
 
 def _writable(folder: Path) -> bool:
-    """Probe by creating (and removing) a file: permission bits lie for root and read-only mounts."""
+    """Probe by creating (and removing) a file: permission bits lie for root and RO mounts."""
     if not os.access(folder, os.W_OK | os.X_OK):
         return False
     try:
@@ -132,13 +131,16 @@ def check_output_dir(output_dir: Path, source: Path | None, needed_bytes: int) -
     target = output_dir.expanduser().resolve()
     if source is not None and (target == source or source in target.parents):
         raise ExportError(
-            f"--output-dir {output_dir} is the source model folder (or inside it); choose another folder"
+            f"--output-dir {output_dir} is the source model folder (or inside it); "
+            "choose another folder"
         )
     if target.exists() and not target.is_dir():
         raise ExportError(f"--output-dir {output_dir} is a file; choose a folder path")
     existing = next((p for p in (target, *target.parents) if p.exists()), None)
     if existing is None or not _writable(existing):
-        raise ExportError(f"cannot write to --output-dir {output_dir} (no permission); choose a writable folder")
+        raise ExportError(
+            f"cannot write to --output-dir {output_dir} (no permission); choose a writable folder"
+        )
     free = shutil.disk_usage(existing).free
     if needed_bytes > free:
         raise ExportError(
