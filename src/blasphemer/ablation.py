@@ -74,11 +74,14 @@ def column_scale(
     w = as_out_in(weight.to(work_dtype), layout)
     norms = torch.linalg.vector_norm(w, dim=-2)
     along = torch.einsum("o,...oi->...i", r, w)
-    # ‖W_j - s r a_j‖² = ‖W_j‖² - (2s - s²) a_j²   (r is unit)
-    edited_sq = (norms.square() - (2 * strength - strength**2) * along.square()).clamp_min(0.0)
-    edited = edited_sq.sqrt()
-    tiny = torch.finfo(work_dtype).eps * norms.clamp_min(torch.finfo(work_dtype).tiny)
-    return torch.where(edited > tiny, norms / edited.clamp_min(torch.finfo(work_dtype).tiny), 1.0)
+    # Norm of the explicitly edited columns: the closed form ‖W_j‖² − (2s − s²)a_j² cancels
+    # catastrophically for columns (nearly) parallel to r.
+    edited = torch.linalg.vector_norm(
+        w - strength * torch.einsum("o,...i->...oi", r, along), dim=-2
+    )
+    cutoff = math.sqrt(torch.finfo(work_dtype).eps) * norms
+    safe = edited.clamp_min(torch.finfo(work_dtype).tiny)
+    return torch.where(edited > cutoff, norms / safe, torch.ones_like(norms))
 
 
 def orthogonalize_norm_preserving(

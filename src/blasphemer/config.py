@@ -264,3 +264,32 @@ def _one_line(error: ValidationError) -> str:
         option = "--" + location.replace("_", "-") if item["loc"] else location
         parts.append(f"{option}: {item['msg']}")
     return "invalid settings: " + "; ".join(parts) + " (see --help)"
+
+
+def default_toml() -> str:
+    """The commented defaults file: every field, its description and its default value."""
+    lines = [
+        "# Blasphemer settings with their defaults. Copy, edit, and pass with --config FILE.",
+        "# Precedence: command line > environment (BLASPHEMER_<NAME>) > this file > defaults.",
+        "",
+    ]
+    for name, info in Settings.model_fields.items():
+        lines.append(f"# {info.description}")
+        default = info.default
+        if default is None:
+            lines.append(f"# {name} =")
+        else:
+            lines.append(f"{name} = {_toml_value(default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

@@ -1,0 +1,389 @@
+"""Load a model and its tokenizer, ready for measurement and editing.
+
+:func:`load_model` tries each requested dtype in turn and keeps the first one that loads *and*
+produces finite next-token logits on a short prompt (some checkpoints overflow in float16, some
+kernels are missing for bfloat16 on older hardware). Every failure it can foresee becomes a
+:class:`~blasphemer.errors.ModelLoadError` whose one-line message names the fix.
+
+Multimodal checkpoints (a ``vision_config``, or a ``...ForConditionalGeneration`` class that
+maps to image-text-to-text) load through ``AutoModelForImageTextToText`` with their processor;
+only the text tower is measured and edited later, but the whole model stays loadable and
+exportable.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from blasphemer.errors import ConfigError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_QUANTIZATIONS = ("none", "bnb_4bit")
+_SANITY_PROMPT = "The capital of France is"
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A generation-capable model with its tokenizer (left padding, pad token set)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    revision: str | None
+    dtype: torch.dtype
+    processor: Any | None = None  # multimodal checkpoints only
+
+    @property
+    def input_device(self) -> torch.device:
+        """Device of the input embeddings: where token ids must be sent."""
+        return _input_device(self.model)
+
+
+def load_model(
+    model_id: str,
+    *,
+    dtypes: Sequence[str] = ("auto", "bfloat16", "float16", "float32"),
+    device_map: str | dict[str, Any] = "auto",
+    quantization: str = "none",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load ``model_id`` (hub id or local folder) in the first of ``dtypes`` that works.
+
+    ``"auto"`` in ``dtypes`` means the checkpoint's own dtype. A dtype "works" when the model
+    loads and its next-token logits for a short prompt are all finite; a failed attempt is freed
+    before the next one. ``device_map="auto"`` on a machine without an accelerator loads on the
+    CPU. ``quantization="bnb_4bit"`` needs CUDA and ``bitsandbytes``.
+
+    Returns a :class:`LoadedModel` in eval mode with every parameter's ``requires_grad`` off.
+    Raises :class:`ModelLoadError` (one line, naming the fix) when the model cannot be loaded.
+    """
+    if quantization not in _QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantization!r}; use one of {_QUANTIZATIONS}")
+    unknown = [name for name in dtypes if name != "auto" and name not in _DTYPES]
+    if unknown or not dtypes:
+        raise ConfigError(
+            f"dtypes must be a non-empty list of auto/{'/'.join(_DTYPES)}, got {list(dtypes)}"
+        )
+    if quantization == "bnb_4bit":
+        _check_bnb_available()
+
+    _check_local_path(model_id)
+    config = _load_config(model_id, revision, trust_remote_code)
+    model_class = _model_class(config)
+    _check_remote_code(model_id, config, model_class, trust_remote_code)
+    processor = (
+        _load_processor(model_id, revision, trust_remote_code) if _is_multimodal(config) else None
+    )
+    tokenizer = _load_tokenizer(model_id, revision, trust_remote_code, processor)
+    device_map = _resolve_device_map(device_map)
+
+    request = _Request(
+        model_id, revision, trust_remote_code, device_map, quantization, config, model_class
+    )
+    failures: list[str] = []
+    for dtype in _candidate_dtypes(dtypes, config):
+        model, reason = _try_load(request, dtype, tokenizer)
+        if model is not None:
+            logger.info("loaded %s as %s", model_id, dtype)
+            generation_config = getattr(model, "generation_config", None)
+            if generation_config is not None and generation_config.pad_token_id is None:
+                generation_config.pad_token_id = tokenizer.pad_token_id
+            return LoadedModel(model, tokenizer, model_id, revision, dtype, processor)
+        failures.append(f"{_dtype_name(dtype)}: {reason}")
+        logger.warning("loading %s as %s failed: %s", model_id, dtype, reason)
+    raise ModelLoadError(
+        f"could not load {model_id} in any dtype tried ({'; '.join(failures)}); "
+        "add float32 to --dtypes, or check that the checkpoint is not corrupt"
+    )
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What stays the same across the dtype attempts of one :func:`load_model` call."""
+
+    model_id: str
+    revision: str | None
+    trust_remote_code: bool
+    device_map: str | dict[str, Any]
+    quantization: str
+    config: PretrainedConfig
+    model_class: Any  # AutoModelForCausalLM or AutoModelForImageTextToText
+
+
+def _check_bnb_available() -> None:
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            "4-bit quantisation needs a CUDA GPU; drop --quantization or run on a machine with one"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            "4-bit quantisation needs the bitsandbytes package; run `pip install bitsandbytes` "
+            "or drop --quantization"
+        )
+
+
+def _looks_like_path(model_id: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else with path syntax is meant as a folder.
+    return (
+        model_id.startswith(("/", "./", "../", "~", "\\"))
+        or model_id.count("/") > 1
+        or (len(model_id) > 1 and model_id[1] == ":")
+    )
+
+
+def _check_local_path(model_id: str) -> None:
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{model_id} is a folder but not a model (no config.json); "
+                "point to a folder written by save_pretrained, or use a hub id"
+            )
+        return
+    if path.exists():
+        raise ModelLoadError(
+            f"{model_id} is a file, not a model folder; pass the folder that holds config.json"
+        )
+    if _looks_like_path(model_id):
+        raise ModelLoadError(f"model folder {model_id} does not exist; check the path")
+
+
+def _load_config(model_id: str, revision: str | None, trust_remote_code: bool) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(
+            model_id, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise _remote_code_error(model_id) from error
+        raise ModelLoadError(
+            f"transformers does not recognise the config of {model_id} ({_first_line(error)}); "
+            "upgrade transformers or pass --trust-remote-code if the model ships its own code"
+        ) from error
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot read the config of {model_id} ({_first_line(error)}); "
+            "check the name and revision, your network, or pass a local model folder"
+        ) from error
+
+
+def _remote_code_error(model_id: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{model_id} needs its own Python code to load; pass --trust-remote-code if you trust it"
+    )
+
+
+def _is_multimodal(config: PretrainedConfig) -> bool:
+    """True for configs of image-text models (a vision tower next to the language model)."""
+    if type(config) not in AutoModelForImageTextToText._model_mapping and not _auto_map_names(
+        config, AutoModelForImageTextToText
+    ):
+        return False
+    architectures = getattr(config, "architectures", None) or []
+    return getattr(config, "vision_config", None) is not None or any(
+        name.endswith("ForConditionalGeneration") for name in architectures
+    )
+
+
+def _auto_map_names(config: PretrainedConfig, auto_class: type) -> bool:
+    auto_map = getattr(config, "auto_map", None) or {}
+    return auto_class.__name__ in auto_map
+
+
+def _model_class(config: PretrainedConfig) -> Any:
+    if _is_multimodal(config):
+        return AutoModelForImageTextToText
+    in_causal = type(config) in AutoModelForCausalLM._model_mapping
+    if not in_causal and type(config) in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def _check_remote_code(
+    model_id: str, config: PretrainedConfig, model_class: Any, trust_remote_code: bool
+) -> None:
+    has_library_code = type(config) in model_class._model_mapping
+    if not has_library_code and _auto_map_names(config, model_class) and not trust_remote_code:
+        raise _remote_code_error(model_id)
+    if not has_library_code and not _auto_map_names(config, model_class):
+        raise ModelLoadError(
+            f"{model_id} (model_type {getattr(config, 'model_type', '?')!r}) is not a text "
+            "generation model transformers knows; use a causal language model, or upgrade"
+        )
+
+
+def _load_processor(model_id: str, revision: str | None, trust_remote_code: bool) -> Any | None:
+    # Only the tokenizer is needed to measure and edit; a checkpoint without processor files
+    # (text tower saved alone, or an incomplete upload) still loads, just without a processor.
+    try:
+        return AutoProcessor.from_pretrained(
+            model_id, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning(
+            "no processor for %s (%s); continuing with the tokenizer alone", model_id, error
+        )
+        return None
+
+
+def _load_tokenizer(
+    model_id: str, revision: str | None, trust_remote_code: bool, processor: Any | None
+) -> PreTrainedTokenizerBase:
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_id, revision=revision, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ModelLoadError(
+                f"cannot load the tokenizer of {model_id} ({_first_line(error)}); "
+                "the model folder needs tokenizer.json or tokenizer_config.json"
+            ) from error
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(
+                f"the tokenizer of {model_id} has neither a pad nor an eos token; "
+                "set pad_token in its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _resolve_device_map(device_map: str | dict[str, Any]) -> str | dict[str, Any]:
+    # Without an accelerator "auto" would only add accelerate's dispatch machinery (and possibly
+    # disk offload); plain CPU loading is what the user means.
+    if device_map == "auto" and not torch.accelerator.is_available():
+        return "cpu"
+    return device_map
+
+
+def _candidate_dtypes(names: Sequence[str], config: PretrainedConfig) -> list[torch.dtype]:
+    """Requested dtypes in order, "auto" replaced by the checkpoint's dtype, duplicates dropped."""
+    resolved: list[torch.dtype] = []
+    for name in names:
+        dtype = _checkpoint_dtype(config) if name == "auto" else _DTYPES[name]
+        if dtype not in resolved:
+            resolved.append(dtype)
+    return resolved
+
+
+def _checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+    for candidate in (config, config.get_text_config()):
+        value = getattr(candidate, "dtype", None) or getattr(candidate, "torch_dtype", None)
+        if isinstance(value, torch.dtype):
+            return value
+        if isinstance(value, str) and value in _DTYPES:
+            return _DTYPES[value]
+    return torch.float32
+
+
+def _try_load(
+    request: _Request, dtype: torch.dtype, tokenizer: PreTrainedTokenizerBase
+) -> tuple[PreTrainedModel | None, str]:
+    """One attempt: the model on success, else ``None`` and the reason (memory already freed)."""
+    model_id = request.model_id
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "device_map": request.device_map,
+        "revision": request.revision,
+    }
+    if request.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if request.quantization == "bnb_4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    model: PreTrainedModel | None = None
+    try:
+        # A fresh copy each attempt: from_pretrained records dtype and quantisation on the config.
+        config = copy.deepcopy(request.config)
+        model = request.model_class.from_pretrained(model_id, config=config, **kwargs)
+        model.eval()
+        model.requires_grad_(False)
+        if _next_token_logits_finite(model, tokenizer):
+            return model, ""
+        reason = "non-finite logits on a test prompt"
+    except OSError as error:
+        # Missing or unreadable weight files: no other dtype will help.
+        raise ModelLoadError(
+            f"cannot read the weights of {model_id} ({_first_line(error)}); "
+            "check that the folder or repo holds the *.safetensors files"
+        ) from error
+    except ImportError as error:
+        raise ModelLoadError(
+            f"loading {model_id} needs a missing package ({_first_line(error)}); install it, retry"
+        ) from error
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
+        # Out of memory, a kernel missing for this dtype on this device, a dtype the
+        # checkpoint rejects: the next dtype may well work.
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+    del model
+    _free_memory()
+    return None, reason
+
+
+def _next_token_logits_finite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Greedy one-token check: are the next-token logits of a short prompt all finite?"""
+    encoded = tokenizer([_SANITY_PROMPT], return_tensors="pt")
+    device = _input_device(model)
+    with torch.inference_mode():
+        output = model(
+            input_ids=encoded["input_ids"].to(device),
+            attention_mask=encoded["attention_mask"].to(device),
+            use_cache=False,
+        )
+    return bool(torch.isfinite(output.logits[:, -1, :]).all())
+
+
+def _input_device(model: PreTrainedModel) -> torch.device:
+    embeddings = model.get_input_embeddings()
+    return next(embeddings.parameters()).device
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
