@@ -158,10 +158,28 @@ def _normalise_argv(argv: Sequence[str]) -> list[str]:
     return args
 
 
+def _quiet_libraries(debug: bool) -> None:
+    """Our console reports progress; the libraries' own log lines and bars would interleave."""
+    import logging
+
+    import optuna
+    import transformers
+
+    optuna.logging.set_verbosity(logging.DEBUG if debug else logging.WARNING)
+    if debug:
+        transformers.logging.set_verbosity_info()
+    else:
+        transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("blasphemer").setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``blasphemer`` console script. Returns the process exit code."""
     args_list = _normalise_argv(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
+    _quiet_libraries(debug)
     console = Console(quiet="--quiet" in args_list, debug=debug)
     try:
         if "--version" in args_list[:1]:

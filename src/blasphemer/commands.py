@@ -1,0 +1,200 @@
+"""The small subcommands: ``inspect``, ``evaluate``, ``chat`` and ``status``."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import optuna
+import torch
+from transformers import TextIteratorStreamer
+
+from blasphemer import architectures, loading
+from blasphemer.config import Settings
+from blasphemer.console import Console, tier
+from blasphemer.errors import ConfigError, StorageError
+from blasphemer.evaluation import KLScorer, RefusalScorer, wilson_interval
+from blasphemer.optimization import (
+    completed_results,
+    count_trials,
+    open_storage,
+    pareto_front,
+    recommended,
+    redact_url,
+)
+from blasphemer.workspace import ATTR_BUDGET, load_prompts
+
+
+def _load(settings: Settings, model: str | None = None) -> loading.LoadedModel:
+    name = model or settings.model
+    assert name is not None
+    return loading.load_model(
+        name,
+        dtypes=settings.dtypes,
+        device_map=settings.device_map,
+        quantization=settings.quantization,
+        trust_remote_code=settings.trust_remote_code,
+        revision=settings.revision,
+    )
+
+
+def inspect(settings: Settings, as_json: bool, console: Console) -> int:
+    """Print the layers and residual-stream writers Blasphemer would edit."""
+    loaded = _load(settings)
+    override = (
+        architectures.load_override(settings.architecture_override)
+        if settings.architecture_override
+        else None
+    )
+    description = architectures.describe(architectures.resolve(loaded.model, override))
+    if as_json:
+        console.info(json.dumps(description, indent=2))
+        return 0
+    console.info(
+        f"{settings.model}: {description['spec']} with {description['n_layers']} layers, "
+        f"hidden size {description['hidden_size']}, layers at {description['layers_path']}"
+    )
+    rows = [
+        [str(layer["index"]), w["kind"], w["path"], "x".join(map(str, w["shape"])), w["layout"]]
+        for layer in description["layers"]
+        for w in layer["writers"]
+    ]
+    console.table("residual-stream writers", ["layer", "kind", "module", "shape", "layout"], rows)
+    return 0
+
+
+def evaluate(settings: Settings, base: str, as_json: bool, console: Console) -> int:
+    """Refusals (report split, full length) and KL of ``settings.model`` against ``base``."""
+    base_loaded = _load(settings, base)
+    prompts = load_prompts(settings, base_loaded.tokenizer)
+    batch = settings.batch_size or 16
+    kl = KLScorer(base_loaded, prompts.harmless.report, batch_size=batch)
+
+    def refusals(loaded: loading.LoadedModel) -> tuple[int, int]:
+        result = RefusalScorer(
+            loaded,
+            prompts.harmful.report,
+            markers=settings.refusal_markers,
+            max_new_tokens=settings.max_new_tokens,
+            decided_after=None,
+            batch_size=batch,
+        ).evaluate()
+        return sum(result.refused), len(result.refused)
+
+    base_refused, n = refusals(base_loaded)
+    model_loaded = _load(settings)
+    if len(model_loaded.tokenizer) != len(base_loaded.tokenizer):
+        raise ConfigError(
+            f"{settings.model} and {base} have different vocabularies; KL needs the same tokenizer"
+        )
+    del base_loaded
+    kl.loaded = model_loaded
+    divergence = kl.score()
+    refused, _ = refusals(model_loaded)
+    low, high = wilson_interval(refused, n)
+    result = {
+        "model": settings.model,
+        "base": base,
+        "n_harmful": n,
+        "refusals": refused,
+        "refusal_rate": refused / n,
+        "refusal_rate_95ci": [low, high],
+        "base_refusals": base_refused,
+        "base_refusal_rate": base_refused / n,
+        "n_harmless": len(prompts.harmless.report),
+        "kl": divergence,
+    }
+    if as_json:
+        console.info(json.dumps(result, indent=2))
+    else:
+        console.table(
+            f"{settings.model} against {base} (report split)",
+            ["measure", "value"],
+            [
+                ["refusals", f"{refused}/{n} = {refused / n:.1%} [{low:.1%}-{high:.1%}]"],
+                ["base refusals", f"{base_refused}/{n} = {base_refused / n:.1%}"],
+                ["KL (first token)", f"{divergence:.4f}"],
+                ["tier", tier(refused / n, divergence)],
+            ],
+        )
+    return 0
+
+
+def chat(settings: Settings, console: Console) -> int:
+    """A streaming chat REPL; an empty line or Ctrl-D ends it."""
+    loaded = _load(settings)
+    tokenizer = loaded.tokenizer
+    messages: list[dict[str, str]] = []
+    if settings.system_prompt:
+        messages.append({"role": "system", "content": settings.system_prompt})
+    console.info("chat with the model; an empty line ends the chat")
+    while True:
+        try:
+            text = console.text("> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        encoded: Any = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ids = encoded.to(loaded.input_device)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = {**ids, "max_new_tokens": settings.max_new_tokens, "do_sample": False}
+        worker = threading.Thread(target=_generate, args=(loaded, kwargs, streamer), daemon=True)
+        worker.start()
+        reply = []
+        for piece in streamer:
+            reply.append(piece)
+            console.stream(piece)
+        worker.join()
+        console.stream("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def _generate(loaded: loading.LoadedModel, kwargs: dict[str, object], streamer: object) -> None:
+    with torch.inference_mode():
+        loaded.model.generate(**kwargs, streamer=streamer)  # type: ignore[operator]
+
+
+def status(settings: Settings, console: Console) -> int:
+    """Workers, trial counts and the current Pareto front of a study."""
+    if settings.storage is None or settings.study_name is None:
+        raise ConfigError("status needs --storage URL and --study-name NAME")
+    shown = redact_url(settings.storage)
+    storage = open_storage(settings.storage)
+    try:
+        study = optuna.load_study(study_name=settings.study_name, storage=storage)
+    except KeyError:
+        raise StorageError(
+            f"no study {settings.study_name!r} in {shown}; check --study-name"
+        ) from None
+    counts = count_trials(study)
+    budget = study.user_attrs.get(ATTR_BUDGET, "?")
+    workers = sorted(
+        {str(t.user_attrs.get("worker", "?")) for t in study.get_trials(deepcopy=False)}
+    )
+    console.info(
+        f"study {settings.study_name!r} in {shown}: {counts.complete}/{budget} complete, "
+        f"{counts.running} running, {counts.waiting} waiting, {counts.failed} failed; "
+        f"workers seen: {', '.join(workers) or 'none'}"
+    )
+    front = pareto_front(completed_results(study))
+    star = recommended(front)
+    rows = []
+    for r in sorted(front, key=lambda r: (r.refusal_rate, r.kl)):
+        low, high = wilson_interval(r.refusals or 0, r.n_prompts or 1)
+        mark = "⭐ " if star is not None and star.number == r.number else ""
+        rows.append(
+            [
+                f"{mark}{r.number}",
+                f"{r.refusal_rate:.1%} [{low:.0%}-{high:.0%}]",
+                f"{r.kl:.3f}",
+                tier(r.refusal_rate, r.kl),
+            ]
+        )
+    console.table("current Pareto front", ["trial", "refusals", "KL", "tier"], rows)
+    return 0

@@ -1,0 +1,127 @@
+"""Refusal rate of the model as it is now, on a fixed list of chat-rendered prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from blasphemer.evaluation.base import ModelLike
+from blasphemer.evaluation.generation import (
+    Verdict,
+    common_response_prefix,
+    decode_answers,
+    encode_texts,
+    eos_token_ids,
+    generate_verdicts,
+    greedy_tokens,
+    pad_token_id,
+)
+from blasphemer.evaluation.markers import RefusalMarkers, as_markers, wilson_interval
+
+PREFIX_PROBE_PROMPTS = 4
+PREFIX_PROBE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class RefusalResult:
+    """Verdicts on every prompt, in the order the prompts were given."""
+
+    rate: float
+    refused: list[bool]
+    responses: list[str]
+    verdicts: list[Verdict]
+
+    @property
+    def count(self) -> int:
+        return sum(self.refused)
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        """Wilson interval of :attr:`rate` (95 % by default)."""
+        return wilson_interval(self.count, len(self.refused), z)
+
+
+class RefusalScorer:
+    """Share of ``texts`` the model refuses, judged by markers on greedy answers. Lower is better.
+
+    ``texts`` are chat-rendered prompts (tokenised once here, without added special tokens).
+    ``decided_after=None`` judges every answer on the full ``max_new_tokens``; an integer lets
+    answers stop once decided (see :mod:`blasphemer.evaluation.generation` for what that
+    preserves). ``response_prefix=None`` detects template text shared by every answer with the
+    model as it is at construction (unedited); pass ``""`` to judge answers whole.
+    """
+
+    name = "refusals"
+
+    def __init__(
+        self,
+        loaded: ModelLike,
+        texts: Sequence[str],
+        *,
+        markers: RefusalMarkers | Iterable[str] | None = None,
+        max_new_tokens: int = 100,
+        decided_after: int | None = 16,
+        batch_size: int = 16,
+        response_prefix: str | None = None,
+        stop_at_marker: bool = False,
+    ) -> None:
+        if not texts:
+            raise ValueError("RefusalScorer needs at least one prompt")
+        self.loaded = loaded
+        self.markers = as_markers(markers)
+        self.max_new_tokens = max_new_tokens
+        self.decided_after = decided_after
+        self.batch_size = batch_size
+        self.stop_at_marker = stop_at_marker
+        self.prompts = encode_texts(loaded.tokenizer, texts)
+        if response_prefix is None:
+            response_prefix = self._detect_prefix()
+        self.response_prefix = response_prefix
+
+    def _detect_prefix(self) -> str:
+        """Common template prefix of the greedy answers to the first few prompts."""
+        probe = self.prompts[:PREFIX_PROBE_PROMPTS]
+        tokens = greedy_tokens(
+            self.loaded.model,
+            probe,
+            min(PREFIX_PROBE_TOKENS, self.max_new_tokens),
+            batch_size=self.batch_size,
+            pad_id=pad_token_id(self.loaded.tokenizer),
+        )
+        eos = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
+        answers = [_until_eos(row, eos) for row in tokens]
+        # Decoded without special tokens, exactly as answers are when they are judged.
+        responses = decode_answers(self.loaded.tokenizer, answers)
+        return common_response_prefix(responses, self.markers)
+
+    def evaluate(self, on_batch: Callable[[int], None] | None = None) -> RefusalResult:
+        """Generate and judge an answer to every prompt with the model as it is now."""
+        verdicts = generate_verdicts(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            self.prompts,
+            self.markers,
+            max_new_tokens=self.max_new_tokens,
+            decided_after=self.decided_after,
+            batch_size=self.batch_size,
+            response_prefix=self.response_prefix,
+            stop_at_marker=self.stop_at_marker,
+            on_batch=on_batch,
+        )
+        refused = [verdict.refused for verdict in verdicts]
+        return RefusalResult(
+            rate=sum(refused) / len(refused),
+            refused=refused,
+            responses=[verdict.text for verdict in verdicts],
+            verdicts=verdicts,
+        )
+
+    def score(self) -> float:
+        """The refusal rate (the :class:`~blasphemer.evaluation.base.Scorer` objective)."""
+        return self.evaluate().rate
+
+
+def _until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
+    for position, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:position]
+    return tokens

@@ -1,0 +1,213 @@
+"""The objective ``study.optimize`` calls: sample an edit, apply it, score it, undo it.
+
+Objectives, all minimised: the refusal rate on the *select* split of harmful prompts, the KL
+divergence on harmless prompts, then one value per extra scorer. What a trial measured is also
+kept in its user attributes, so a :class:`TrialResult` can be rebuilt from the storage alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from blasphemer.ablation import AblationParameters
+from blasphemer.architectures.base import ModelMap
+from blasphemer.editing import apply_ablation
+from blasphemer.evaluation.base import Scorer
+from blasphemer.optimization.search_space import (
+    SearchSpace,
+    parameters_from_dict,
+    parameters_to_dict,
+)
+
+# User attribute names (stable: results of earlier runs are read back with them).
+ATTR_ABLATION = "ablation"
+ATTR_REFUSALS = "refusals"
+ATTR_N_PROMPTS = "n_prompts"
+ATTR_REFUSAL_RATE = "refusal_rate"
+ATTR_KL = "kl"
+ATTR_EXTRA = "extra_scores"
+ATTR_SECONDS = "seconds"
+ATTR_EDITED = "edited_writers"
+
+
+class DirectionSource(Protocol):
+    """What the objective needs of :class:`blasphemer.directions.Directions`."""
+
+    def for_layers(self, direction_index: float | None) -> torch.Tensor: ...
+
+
+class RefusalOutcome(Protocol):
+    @property
+    def rate(self) -> float: ...
+
+    @property
+    def refused(self) -> Sequence[bool]: ...
+
+
+class RefusalEvaluator(Protocol):
+    """What the objective needs of :class:`blasphemer.evaluation.RefusalScorer`."""
+
+    def evaluate(self) -> RefusalOutcome: ...
+
+
+class DivergenceScorer(Protocol):
+    """What the objective needs of :class:`blasphemer.evaluation.KLScorer`."""
+
+    def score(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What one finished trial proposed and measured. ``values`` are its objective values."""
+
+    number: int
+    values: tuple[float, ...]
+    parameters: AblationParameters | None
+    refusals: int | None = None
+    n_prompts: int | None = None
+    seconds: float | None = None
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def refusal_rate(self) -> float:
+        return self.values[0]
+
+    @property
+    def kl(self) -> float:
+        return self.values[1]
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial, search_space: SearchSpace | None = None) -> TrialResult:
+        """Rebuild a result from a COMPLETE trial (its values and user attributes).
+
+        The parameters come from the ``ablation`` user attribute, or, for trials recorded
+        without it, from ``trial.params`` through ``search_space``.
+        """
+        if trial.state != TrialState.COMPLETE or trial.values is None:
+            raise ValueError(f"trial {trial.number} is {trial.state.name}, not COMPLETE")
+        attrs = trial.user_attrs
+        parameters: AblationParameters | None = None
+        if ATTR_ABLATION in attrs:
+            parameters = parameters_from_dict(attrs[ATTR_ABLATION])
+        elif search_space is not None:
+            parameters = search_space.from_params(trial.params)
+        return cls(
+            number=trial.number,
+            values=tuple(float(v) for v in trial.values),
+            parameters=parameters,
+            refusals=_optional_int(attrs.get(ATTR_REFUSALS)),
+            n_prompts=_optional_int(attrs.get(ATTR_N_PROMPTS)),
+            seconds=_optional_float(attrs.get(ATTR_SECONDS)),
+            extra={str(k): float(v) for k, v in dict(attrs.get(ATTR_EXTRA, {})).items()},
+        )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _finite_or_inf(value: float) -> float:
+    return value if not math.isnan(value) else math.inf
+
+
+def completed_results(
+    study: optuna.Study, search_space: SearchSpace | None = None
+) -> list[TrialResult]:
+    """:class:`TrialResult` of every COMPLETE trial of ``study``, in trial-number order."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [TrialResult.from_trial(t, search_space) for t in sorted(trials, key=lambda t: t.number)]
+
+
+class Objective:
+    """Callable for ``study.optimize``: returns ``(refusal rate, KL, *extra scores)``.
+
+    The edit is applied as an :class:`~blasphemer.editing.EditHandle` in a ``with`` block, so
+    the model is restored bit-for-bit even when a scorer raises. ``on_trial_start`` gets the
+    trial number and its parameters before scoring; ``on_trial_end`` gets the result after.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_map: ModelMap,
+        directions: DirectionSource,
+        search_space: SearchSpace,
+        refusal_scorer: RefusalEvaluator,
+        kl_scorer: DivergenceScorer,
+        extra_scorers: Sequence[Scorer] = (),
+        on_trial_start: Callable[[int, AblationParameters], None] | None = None,
+        on_trial_end: Callable[[TrialResult], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        names = [s.name for s in extra_scorers]
+        if len(set(names)) != len(names) or {"refusals", "kl"} & set(names):
+            raise ValueError(f"extra scorer names must be unique and not refusals/kl: {names}")
+        self.model_map = model_map
+        self.directions = directions
+        self.search_space = search_space
+        self.refusal_scorer = refusal_scorer
+        self.kl_scorer = kl_scorer
+        self.extra_scorers = tuple(extra_scorers)
+        self.on_trial_start = on_trial_start
+        self.on_trial_end = on_trial_end
+        self.clock = clock
+
+    @property
+    def n_objectives(self) -> int:
+        """How many values each trial returns (the study needs as many directions)."""
+        return 2 + len(self.extra_scorers)
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        parameters = self.search_space.sample(trial)
+        if self.on_trial_start is not None:
+            self.on_trial_start(trial.number, parameters)
+        started = self.clock()
+        directions = self.directions.for_layers(parameters.direction_index)
+        strengths = parameters.layer_weights(self.model_map.n_layers)
+        with apply_ablation(
+            self.model_map, directions, strengths, parameters.norm_preserving
+        ) as handle:
+            outcome = self.refusal_scorer.evaluate()
+            kl = float(self.kl_scorer.score())
+            extra = {s.name: float(s.score()) for s in self.extra_scorers}
+            edited = len(handle.edited)
+        seconds = self.clock() - started
+        refused = list(outcome.refused)
+        rate = float(outcome.rate)
+        # Optuna rejects NaN objective values; a diverged edit is simply very bad (inf).
+        kl = _finite_or_inf(kl)
+        extra = {name: _finite_or_inf(value) for name, value in extra.items()}
+        trial.set_user_attr(ATTR_ABLATION, parameters_to_dict(parameters))
+        trial.set_user_attr(ATTR_REFUSALS, sum(refused))
+        trial.set_user_attr(ATTR_N_PROMPTS, len(refused))
+        trial.set_user_attr(ATTR_REFUSAL_RATE, rate)
+        trial.set_user_attr(ATTR_KL, kl)
+        trial.set_user_attr(ATTR_EXTRA, extra)
+        trial.set_user_attr(ATTR_SECONDS, seconds)
+        trial.set_user_attr(ATTR_EDITED, edited)
+        values = (rate, kl, *extra.values())
+        if self.on_trial_end is not None:
+            self.on_trial_end(
+                TrialResult(
+                    number=trial.number,
+                    values=values,
+                    parameters=parameters,
+                    refusals=sum(refused),
+                    n_prompts=len(refused),
+                    seconds=seconds,
+                    extra=extra,
+                )
+            )
+        return values

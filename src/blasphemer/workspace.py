@@ -1,0 +1,206 @@
+"""The prepared pieces of a run that every worker of a study shares, built from settings.
+
+:mod:`blasphemer.pipeline` sequences the stages; this module holds what the stages build and
+the small steps that build them (prompt splits, scorers, study metadata), so that ``run`` and
+``worker`` build them the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from blasphemer import prompts as prompt_sets
+from blasphemer.config import Settings
+from blasphemer.directions import Directions
+from blasphemer.errors import DatasetError, StorageError
+from blasphemer.evaluation import KLScorer, RefusalScorer, ScorerContext, load_scorers
+from blasphemer.evaluation.base import Scorer
+from blasphemer.loading import LoadedModel
+from blasphemer.optimization import build_fingerprint
+
+ATTR_SETTINGS = "blasphemer:settings"
+ATTR_DIRECTIONS = "blasphemer:directions"
+ATTR_BUDGET = "blasphemer:budget"
+# Settings a worker may choose for itself: they change speed or display, never scores.
+WORKER_LOCAL = ("storage", "study_name", "batch_size", "device_map", "quiet", "debug", "run_dir")
+
+
+@dataclass(frozen=True)
+class PromptSplits:
+    """One prompt set's three parts, trimmed to the configured sizes, and rendered."""
+
+    fit: list[str]
+    select: list[str]
+    report: list[str]
+    report_prompts: list[str]  # the raw report requests, for sample answers
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Prompts:
+    harmful: PromptSplits
+    harmless: PromptSplits
+
+
+def _trim(items: tuple[prompt_sets.Prompt, ...], limit: int, seed: int) -> list[prompt_sets.Prompt]:
+    if len(items) <= limit:
+        return list(items)
+    return random.Random(seed).sample(list(items), limit)
+
+
+def _load_splits(spec: str, column: str | None, kind: str, seed: int) -> prompt_sets.Splits:
+    if spec == f"bundled:{kind}" and seed == 0:
+        return prompt_sets.bundled_splits(kind)
+    return prompt_sets.split_prompt_set(prompt_sets.load_prompt_set(spec, column=column), seed=seed)
+
+
+def load_prompts(settings: Settings, tokenizer: Any) -> Prompts:
+    """Load, split, trim and render both prompt sets. Harmful prompts are removed from harmless."""
+    harmful = _load_splits(
+        settings.harmful, settings.harmful_column, "harmful", settings.split_seed
+    )
+    harmless = _load_splits(
+        settings.harmless, settings.harmless_column, "harmless", settings.split_seed
+    )
+    all_harmful = (*harmful.fit.prompts, *harmful.select.prompts, *harmful.report.prompts)
+    reference = prompt_sets.PromptSet("harmful", all_harmful, settings.harmful)
+
+    def build(splits: prompt_sets.Splits, clean: bool) -> PromptSplits:
+        parts = []
+        for part, limit in (
+            (splits.fit, settings.max_fit_prompts),
+            (splits.select, settings.n_select_prompts),
+            (splits.report, settings.n_report_prompts),
+        ):
+            if clean:
+                part = prompt_sets.remove_overlap(part, reference)
+            if len(part) == 0:
+                raise DatasetError(
+                    f"the {part.name} split of {part.source} is empty after removing overlaps; "
+                    "use a larger prompt set"
+                )
+            parts.append(_trim(part.prompts, limit, settings.split_seed))
+        rendered = [
+            prompt_sets.render(tokenizer, p, system_prompt=settings.system_prompt) for p in parts
+        ]
+        texts = [p.text for group in parts for p in group]
+        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+        fit, select, report = rendered
+        return PromptSplits(fit, select, report, [p.text for p in parts[2]], digest)
+
+    return Prompts(build(harmful, clean=False), build(harmless, clean=True))
+
+
+@dataclass(eq=False)
+class Scorers:
+    refusals: RefusalScorer
+    kl: KLScorer
+    extra: list[Scorer]
+
+
+def build_scorers(settings: Settings, loaded: LoadedModel, prompts: Prompts, batch: int) -> Scorers:
+    """Scorers on the *select* split; call while the model is unedited (KL caches the original)."""
+    decided_after = None if settings.exact_verdicts else settings.decided_after
+    refusals = RefusalScorer(
+        loaded,
+        prompts.harmful.select,
+        markers=settings.refusal_markers,
+        max_new_tokens=settings.max_new_tokens,
+        decided_after=decided_after,
+        batch_size=batch,
+    )
+    kl = KLScorer(
+        loaded, prompts.harmless.select, batch_size=batch, positions=settings.kl_positions
+    )
+    context = ScorerContext(
+        loaded=loaded,
+        harmful_texts=prompts.harmful.select,
+        harmless_texts=prompts.harmless.select,
+        batch_size=batch,
+        max_new_tokens=settings.max_new_tokens,
+        decided_after=decided_after,
+        markers=settings.refusal_markers,
+    )
+    extra = load_scorers([str(p) for p in settings.scorers], context)
+    return Scorers(refusals, kl, extra)
+
+
+def model_digest(model_id: str) -> str:
+    """Cheap identity of a local model folder: its config and the names and sizes of its files."""
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        return "hub"
+    hasher = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            hasher.update(f"{path.name}:{path.stat().st_size}".encode())
+    return hasher.hexdigest()[:16]
+
+
+def study_fingerprint(settings: Settings, loaded: LoadedModel, prompts: Prompts) -> dict[str, Any]:
+    """What the study's scores depend on; a worker or run with a different one is refused."""
+    return build_fingerprint(
+        model_id=loaded.model_id,
+        revision=loaded.revision,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        settings=settings.model_dump(mode="json"),
+        prompt_fingerprints={
+            "harmful": prompts.harmful.fingerprint,
+            "harmless": prompts.harmless.fingerprint,
+        },
+        model_digest=model_digest(loaded.model_id),
+    )
+
+
+def shared_settings(settings: Settings) -> dict[str, Any]:
+    """Settings stored in the study for workers: everything but the worker-local ones."""
+    data = settings.model_dump(mode="json")
+    return {k: v for k, v in data.items() if k not in WORKER_LOCAL}
+
+
+def encode_directions(directions: Directions) -> str:
+    tensors = {"vectors": directions.vectors.contiguous(), "strength": directions.strength}
+    return base64.b64encode(save_tensors(tensors)).decode("ascii")
+
+
+def decode_directions(text: str) -> Directions:
+    tensors = load_tensors(base64.b64decode(text))
+    return Directions(tensors["vectors"].to(torch.float32), tensors["strength"].to(torch.float32))
+
+
+def store_metadata(
+    study: optuna.Study, settings: Settings, directions: Directions, budget: int
+) -> None:
+    """Record what a worker needs to join: settings, directions and the trial budget."""
+    study.set_user_attr(ATTR_SETTINGS, shared_settings(settings))
+    study.set_user_attr(ATTR_DIRECTIONS, encode_directions(directions))
+    study.set_user_attr(ATTR_BUDGET, budget)
+
+
+def read_metadata(study: optuna.Study, shown_url: str) -> tuple[dict[str, Any], Directions, int]:
+    attrs = study.user_attrs
+    if ATTR_SETTINGS not in attrs or ATTR_DIRECTIONS not in attrs:
+        raise StorageError(
+            f"study {study.study_name!r} in {shown_url} was not started by `blasphemer run`; "
+            "start it with `blasphemer run MODEL --storage URL --study-name NAME`"
+        )
+    return (
+        dict(attrs[ATTR_SETTINGS]),
+        decode_directions(attrs[ATTR_DIRECTIONS]),
+        int(attrs.get(ATTR_BUDGET, 0)),
+    )
+
+
+def settings_digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
