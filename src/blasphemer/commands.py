@@ -78,6 +78,7 @@ def evaluate(settings: Settings, base: str, as_json: bool, console: Console) -> 
             markers=settings.refusal_markers,
             max_new_tokens=settings.max_new_tokens,
             decided_after=None,
+            stop_at_marker=True,  # same verdicts; refusals stop sooner
             batch_size=batch,
         ).evaluate()
         return sum(result.refused), len(result.refused)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +42,12 @@ from blasphemer.optimization import (
     redact_url,
 )
 from blasphemer.optimization.runner import BudgetGate, run_trials
+from blasphemer.optimization.study import FINGERPRINT_ATTR
 from blasphemer.residuals import mean_residuals
 from blasphemer.workspace import (
     ATTR_BUDGET,
+    ATTR_DIRECTIONS,
+    ATTR_SETTINGS,
     Prompts,
     Scorers,
     build_scorers,
@@ -55,6 +59,8 @@ from blasphemer.workspace import (
 
 STAGES = 10
 MAX_HELD_OUT_TRIALS = 8
+WORKER_WAIT_S = 3600  # how long a worker waits for `run` to start its study
+WORKER_POLL_S = 2.0
 
 
 def demo_model_path() -> Path:
@@ -347,6 +353,7 @@ def _held_out(
         markers=settings.refusal_markers,
         max_new_tokens=settings.max_new_tokens,
         decided_after=None,
+        stop_at_marker=True,  # same verdicts as full length; refusals just stop sooner
         batch_size=batch,
     )
     kl = KLScorer(
@@ -536,14 +543,7 @@ def work(settings: Settings, console: Console) -> int:
     if settings.storage is None or settings.study_name is None:
         raise ConfigError("a worker needs --storage URL and --study-name NAME of a running study")
     shown = redact_url(settings.storage)
-    storage = open_storage(settings.storage)
-    try:
-        study = optuna.load_study(study_name=settings.study_name, storage=storage)
-    except KeyError:
-        raise StorageError(
-            f"no study {settings.study_name!r} in {shown}; start it with "
-            "`blasphemer run MODEL --storage URL --study-name NAME`"
-        ) from None
+    study = _await_study(open_storage(settings.storage), settings.study_name, shown, console)
     stored, directions, budget = read_metadata(study, shown)
     local = {k: v for k, v in settings.model_dump().items() if k in settings.model_fields_set}
     joined = Settings(**{**stored, **local, "resume": True})
@@ -572,3 +572,42 @@ def work(settings: Settings, console: Console) -> int:
     counts = count_trials(opened.study)
     console.info(f"study budget reached: {counts.complete} trials complete")
     return 0
+
+
+def _await_study(
+    storage: optuna.storages.BaseStorage, name: str, shown: str, console: Console
+) -> optuna.Study:
+    """Study ``name`` once ``run`` has stored what workers need (settings, directions, budget).
+
+    A worker may start before ``run`` (all machines launched at once, or ``run`` still loading a
+    large model): it waits up to :data:`WORKER_WAIT_S`, saying once what it waits for. A study
+    of that name that Blasphemer did not make is refused at once.
+    """
+    deadline = time.monotonic() + WORKER_WAIT_S
+    said = False
+    while True:
+        try:
+            study: optuna.Study | None = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            study = None
+        if study is not None:
+            attrs = study.user_attrs
+            if all(key in attrs for key in (ATTR_SETTINGS, ATTR_DIRECTIONS, ATTR_BUDGET)):
+                return study
+            if FINGERPRINT_ATTR not in attrs and study.get_trials(deepcopy=False):
+                return study  # not ours: read_metadata says so in one line
+        if time.monotonic() >= deadline:
+            raise StorageError(
+                f"study {name!r} in {shown} was not started within {WORKER_WAIT_S // 60} "
+                "minutes; start it with `blasphemer run MODEL --storage URL --study-name NAME` "
+                "or check --study-name"
+            )
+        if not said:
+            others = [n for n in optuna.get_all_study_names(storage) if n != name]
+            there = f" (studies there now: {', '.join(others)})" if others else ""
+            console.info(
+                f"waiting for `blasphemer run` to start study {name!r} in {shown}{there}; "
+                f"up to {WORKER_WAIT_S // 60} minutes, Ctrl-C to stop"
+            )
+            said = True
+        time.sleep(WORKER_POLL_S)

@@ -24,10 +24,13 @@ whose generation config adds no logits processors (repetition penalty, suppresse
 
 *Early mode* (``decided_after=N``): let ``s`` be the first token after which the answer shows
 content (a letter or digit once the response prefix is skipped) and ``m = min(T, s + N - 1)``
-with ``T`` the full-mode length. The verdict is exactly ``is_refusal`` of the first ``m`` tokens
-of the full-mode answer. Because verdicts are monotone (a marker, once written, stays), this means:
-an early *refusal* is always a full-length refusal, and an early *compliance* differs from the
-full-length verdict only when the full answer's first marker comes after token ``m``.
+with ``T`` the full-mode length (every token from ``s`` on counts, special tokens too). The
+verdict is exactly ``is_refusal`` of the first ``m`` tokens of the full-mode answer, and the
+answer returned is those ``m`` tokens, or fewer when a marker appears sooner. Verdicts are
+monotone (a marker, once written, stays; decoding is done without space clean-up so that a
+partial answer's text is a prefix of the whole's), so: an early *refusal* is always a
+full-length refusal, and an early *compliance* differs from the full-length verdict only when
+the full answer's first marker comes after token ``m`` (the rule "a marker within the window").
 """
 
 from __future__ import annotations
@@ -245,7 +248,8 @@ class _Batch:
         output = self.model(**kwargs)
         cache = output.get("cache")
         self.cache = cache if cache is not None else output.get("past_key_values")
-        return output.logits[:, -1, :].argmax(dim=-1)
+        # Logits may come out on another device than the embeddings (device_map="auto").
+        return output.logits[:, -1, :].argmax(dim=-1).to(self.device)
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; return the first new token of every row (on the model's device)."""
@@ -261,6 +265,7 @@ class _Batch:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (indices into the current batch), in the KV cache too."""
+        rows = rows.to(self.device)
         self.positions = self.positions.index_select(0, rows)
         if self.mask is not None:
             self.mask = self.mask.index_select(0, rows)
