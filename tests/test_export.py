@@ -301,6 +301,7 @@ def test_upload_validates_arguments_offline(tmp_path: Path) -> None:
 class Outcome:
     rate: float
     refused: list[bool]
+    partial: bool = False
 
 
 class RefusalStub:
@@ -310,7 +311,7 @@ class RefusalStub:
         self.model, self.tokenizer = model, tokenizer
         self.reference = logits(model, tokenizer)
 
-    def evaluate(self) -> Outcome:
+    def evaluate(self, on_batch: Any = None, should_stop: Any = None) -> Outcome:
         changed = not torch.allclose(logits(self.model, self.tokenizer), self.reference)
         return Outcome(0.25 if changed else 1.0, [True, False, False, False])
 

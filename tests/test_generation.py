@@ -338,3 +338,38 @@ def test_invalid_arguments(llama, tokenizer) -> None:
         run(llama, tokenizer, ["w3"], markers, decided_after=None, max_new_tokens=0)
     with pytest.raises(ValueError):
         run(llama, tokenizer, [""], markers, decided_after=None)
+
+
+def test_should_stop_keeps_judged_verdicts_and_bounds_the_rate(llama, tokenizer, texts) -> None:
+    """Stopping between batches: judged prompts keep their full-run verdicts, the rest are
+    SKIPPED, and refusals counted so far are a lower bound of the full count."""
+    full = run(llama, tokenizer, texts, RefusalMarkers(["zzz"]), decided_after=None)
+    markers = pick_markers([v.text for v in full])
+    complete = run(llama, tokenizer, texts, markers, decided_after=4)
+    calls: list[tuple[int, int]] = []
+
+    def stop_after_two_batches(refused: int, judged: int) -> bool:
+        calls.append((refused, judged))
+        return len(calls) == 2
+
+    partial = run(
+        llama, tokenizer, texts, markers, decided_after=4, should_stop=stop_after_two_batches
+    )
+    skipped = [v for v in partial if v.outcome is Outcome.SKIPPED]
+    judged = [
+        (p, c) for p, c in zip(partial, complete, strict=True) if p.outcome is not Outcome.SKIPPED
+    ]
+    assert len(calls) == 2 and calls[-1][1] == len(judged) == 16  # two batches of 8
+    assert skipped and all(not v.refused and not v.tokens for v in skipped)
+    assert all(p == c for p, c in judged)
+    assert calls[-1][0] == sum(p.refused for p, _ in judged) <= sum(c.refused for c in complete)
+
+
+def test_dominance_stop_is_exact() -> None:
+    from blasphemer.optimization.objective import dominance_stop
+
+    stop = dominance_stop(kl=0.2, n_prompts=10, finished=[(0.3, 0.1), (0.0, 0.5)])
+    assert not stop(2, 4)  # bound 0.2 < 0.3: could still beat trial (0.3, 0.1)
+    assert stop(3, 5)  # bound 0.3 >= 0.3 with KL 0.2 >= 0.1: dominated whatever comes next
+    no_lower_kl = dominance_stop(kl=0.05, n_prompts=10, finished=[(0.0, 0.1)])
+    assert not no_lower_kl(10, 10)  # every finished trial has a higher KL: never dominated

@@ -55,6 +55,7 @@ class Outcome(StrEnum):
     EOS = "eos"  # the model ended its answer
     DECIDED = "decided"  # ``decided_after`` tokens with content and no marker: compliant
     LENGTH = "length"  # ``max_new_tokens`` reached
+    SKIPPED = "skipped"  # never generated: ``should_stop`` ended the evaluation first
 
 
 @dataclass(frozen=True)
@@ -318,13 +319,17 @@ def generate_verdicts(
     response_prefix: str = "",
     stop_at_marker: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    should_stop: Callable[[int, int], bool] | None = None,
 ) -> list[Verdict]:
     """Greedy answers to token-id ``prompts``, each judged and stopped as early as allowed.
 
     ``decided_after=None`` is full mode (see the module docstring for both equivalences);
     ``stop_at_marker`` stops refused answers early in full mode too. ``response_prefix`` is
     skipped before judging (see :func:`common_response_prefix`). ``on_batch`` is called with the
-    number of prompts of each finished batch. Returns one :class:`Verdict` per prompt, in order.
+    number of prompts of each finished batch. ``should_stop(refused, judged)`` is asked after
+    each batch with the refusals and judged prompts so far; when it answers True the remaining
+    prompts are not generated and get :attr:`Outcome.SKIPPED` verdicts (``refused=False``), so
+    the refusal count is a lower bound. Returns one :class:`Verdict` per prompt, in order.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -378,14 +383,20 @@ def generate_verdicts(
             del batch  # free the KV cache before the next batch allocates its own
             if on_batch is not None:
                 on_batch(len(indices))
+            if should_stop is not None:
+                done = [row for row in rows if row.outcome is not None]
+                texts = decode_answers(tokenizer, [row.tokens for row in done])
+                refused = sum(markers.refuses(judged(text)) for text in texts)
+                if should_stop(refused, len(done)):
+                    break
 
     texts = decode_answers(tokenizer, [row.tokens for row in rows])
     return [
         Verdict(
             tokens=tuple(row.tokens),
             text=text,
-            refused=markers.refuses(judged(text)),
-            outcome=row.outcome or Outcome.LENGTH,
+            refused=row.outcome is not None and markers.refuses(judged(text)),
+            outcome=row.outcome or Outcome.SKIPPED,
         )
         for row, text in zip(rows, texts, strict=True)
     ]

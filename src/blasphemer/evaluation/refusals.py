@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from blasphemer.evaluation.base import ModelLike
 from blasphemer.evaluation.generation import (
+    Outcome,
     Verdict,
     common_response_prefix,
     decode_answers,
@@ -34,6 +35,16 @@ class RefusalResult:
     @property
     def count(self) -> int:
         return sum(self.refused)
+
+    @property
+    def judged(self) -> int:
+        """Prompts actually answered (all of them unless the evaluation stopped early)."""
+        return sum(v.outcome is not Outcome.SKIPPED for v in self.verdicts)
+
+    @property
+    def partial(self) -> bool:
+        """True when some prompts were skipped: ``rate`` is then a lower bound."""
+        return self.judged < len(self.verdicts)
 
     def interval(self, z: float = 1.96) -> tuple[float, float]:
         """Wilson interval of :attr:`rate` (95 % by default)."""
@@ -93,8 +104,21 @@ class RefusalScorer:
         responses = decode_answers(self.loaded.tokenizer, answers)
         return common_response_prefix(responses, self.markers)
 
-    def evaluate(self, on_batch: Callable[[int], None] | None = None) -> RefusalResult:
-        """Generate and judge an answer to every prompt with the model as it is now."""
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts)
+
+    def evaluate(
+        self,
+        on_batch: Callable[[int], None] | None = None,
+        should_stop: Callable[[int, int], bool] | None = None,
+    ) -> RefusalResult:
+        """Generate and judge an answer to every prompt with the model as it is now.
+
+        ``should_stop(refused, judged)`` may end the evaluation after any batch (see
+        :func:`~blasphemer.evaluation.generation.generate_verdicts`); the result is then
+        :attr:`RefusalResult.partial` and its ``rate`` a lower bound over all prompts.
+        """
         verdicts = generate_verdicts(
             self.loaded.model,
             self.loaded.tokenizer,
@@ -106,6 +130,7 @@ class RefusalScorer:
             response_prefix=self.response_prefix,
             stop_at_marker=self.stop_at_marker,
             on_batch=on_batch,
+            should_stop=should_stop,
         )
         refused = [verdict.refused for verdict in verdicts]
         return RefusalResult(

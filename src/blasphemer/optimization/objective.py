@@ -36,6 +36,7 @@ ATTR_KL = "kl"
 ATTR_EXTRA = "extra_scores"
 ATTR_SECONDS = "seconds"
 ATTR_EDITED = "edited_writers"
+ATTR_PARTIAL = "dominated_early"  # scoring stopped once the trial was provably dominated
 
 
 class DirectionSource(Protocol):
@@ -51,11 +52,34 @@ class RefusalOutcome(Protocol):
     @property
     def refused(self) -> Sequence[bool]: ...
 
+    @property
+    def partial(self) -> bool: ...
+
 
 class RefusalEvaluator(Protocol):
     """What the objective needs of :class:`blasphemer.evaluation.RefusalScorer`."""
 
-    def evaluate(self) -> RefusalOutcome: ...
+    def evaluate(
+        self, on_batch: Any = None, should_stop: Callable[[int, int], bool] | None = None
+    ) -> RefusalOutcome: ...
+
+
+def dominance_stop(
+    kl: float, n_prompts: int, finished: Sequence[tuple[float, float]]
+) -> Callable[[int, int], bool]:
+    """``should_stop`` for the refusal evaluation: stop once the trial cannot reach the front.
+
+    After ``refused`` refusals the final rate is at least ``refused / n_prompts`` whatever the
+    remaining prompts do. If a finished trial has a rate and a KL no higher than that bound and
+    this trial's (already measured) KL, this trial is dominated and further prompts cannot
+    change that. Exact, not a heuristic: a trial stopped this way could never be on the front.
+    """
+
+    def stop(refused: int, _judged: int) -> bool:
+        bound = refused / n_prompts
+        return any(rate <= bound and other_kl <= kl for rate, other_kl in finished)
+
+    return stop
 
 
 class DivergenceScorer(Protocol):
@@ -150,6 +174,7 @@ class Objective:
         on_trial_start: Callable[[int, AblationParameters], None] | None = None,
         on_trial_end: Callable[[TrialResult], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        prune_dominated: bool = True,
     ) -> None:
         names = [s.name for s in extra_scorers]
         if len(set(names)) != len(names) or {"refusals", "kl"} & set(names):
@@ -163,6 +188,8 @@ class Objective:
         self.on_trial_start = on_trial_start
         self.on_trial_end = on_trial_end
         self.clock = clock
+        # Extra objectives make dominance need all of them, so pruning is for two objectives.
+        self.prune_dominated = prune_dominated and not self.extra_scorers
 
     @property
     def n_objectives(self) -> int:
@@ -179,8 +206,9 @@ class Objective:
         with apply_ablation(
             self.model_map, directions, strengths, parameters.norm_preserving
         ) as handle:
-            outcome = self.refusal_scorer.evaluate()
-            kl = float(self.kl_scorer.score())
+            kl = float(self.kl_scorer.score())  # first: one forward pass, and pruning needs it
+            stop = self._stop_rule(trial, kl)
+            outcome = self.refusal_scorer.evaluate(should_stop=stop)
             extra = {s.name: float(s.score()) for s in self.extra_scorers}
             edited = len(handle.edited)
         seconds = self.clock() - started
@@ -197,6 +225,7 @@ class Objective:
         trial.set_user_attr(ATTR_EXTRA, extra)
         trial.set_user_attr(ATTR_SECONDS, seconds)
         trial.set_user_attr(ATTR_EDITED, edited)
+        trial.set_user_attr(ATTR_PARTIAL, bool(outcome.partial))
         values = (rate, kl, *extra.values())
         if self.on_trial_end is not None:
             self.on_trial_end(
@@ -211,3 +240,18 @@ class Objective:
                 )
             )
         return values
+
+    def _stop_rule(self, trial: optuna.Trial, kl: float) -> Callable[[int, int], bool] | None:
+        if not self.prune_dominated or not math.isfinite(kl):
+            return None
+        finished = [
+            (t.values[0], t.values[1])
+            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values is not None
+        ]
+        if not finished:
+            return None
+        n_prompts = getattr(self.refusal_scorer, "n_prompts", None)
+        if n_prompts is None:
+            return None
+        return dominance_stop(kl, int(n_prompts), finished)

@@ -1,7 +1,7 @@
 """Run trials of a shared study until its budget is used up, from any number of workers.
 
 The budget must be *exact* with many workers: no worker may start a trial once the study's
-complete + running + waiting trials reach the budget, and none may stop while a trial of a
+complete + running trials reach the budget, and none may stop while a trial of a
 dead worker still needs re-running. Optuna has no such counter, so the decision "may I start a
 trial?" is serialised by a :class:`BudgetGate` (a PostgreSQL advisory lock, or a file lock next
 to an SQLite database) and the trial is created (``study.ask``) while the gate is held.
@@ -130,13 +130,36 @@ def _claim(study: optuna.Study, budget: int, gate: BudgetGate) -> tuple[optuna.T
         with _quiet_experimental():
             optuna.storages.fail_stale_trials(study)
         counts = count_trials(study)
-        if counts.waiting > 0 or counts.complete + counts.running + counts.waiting < budget:
+        # Waiting trials (re-queued ones) are run first by ``ask``, but only while the budget
+        # allows: one queued outside the gate (two ``run``s enqueueing the reference trial at
+        # once) must not push the total past it.
+        if counts.complete + counts.running < budget:
             with _quiet_experimental():
                 trial = study.ask()
             storage.record_heartbeat(trial._trial_id)  # visible to the others at once
             trial.set_user_attr("worker", WORKER_ID)
             return trial, True
     return None, counts.complete < budget and counts.running > 0
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float]) -> bool:
+    """Record a finished trial; False if another worker already failed it as stale.
+
+    That happens when this worker stalled past the grace period (suspended machine, overloaded
+    database): its trial was re-queued and the copy counts, so this result is dropped rather than
+    counted twice.
+    """
+    try:
+        study.tell(trial, values)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+        state = study._storage.get_trial(trial._trial_id).state
+        if state != TrialState.FAIL:
+            raise
+        logger.warning(
+            "trial %d was retried by another worker; its result is dropped", trial.number
+        )
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -193,7 +216,8 @@ def run_trials(
                 if failures >= MAX_CONSECUTIVE_FAILURES:
                     raise
                 continue
-        study.tell(trial, list(values))
+        if not _tell(study, trial, list(values)):
+            continue
         failures = 0
         ran += 1
     return ran
