@@ -357,7 +357,7 @@ def test_objective_scores_with_the_edit_and_restores(loaded: Loaded) -> None:
     assert (results[0].refusals, results[0].n_prompts) == (1, 4)
     assert results[0].parameters == space.reference(1.0)
     assert results[0].extra == {"length": 2.0}
-    assert study.trials[0].user_attrs["edited_writers"] == 2 * N_LAYERS
+    assert study.trials[0].user_attrs["result"]["edited_writers"] == 2 * N_LAYERS
 
 
 def test_objective_rejects_clashing_scorer_names(loaded: Loaded) -> None:

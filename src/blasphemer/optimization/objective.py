@@ -27,7 +27,9 @@ from blasphemer.optimization.search_space import (
     parameters_to_dict,
 )
 
-# User attribute names (stable: results of earlier runs are read back with them).
+# User attribute names (stable: results of earlier runs are read back with them). Everything a
+# trial measured is one dict under ATTR_RESULT, keyed by the other names.
+ATTR_RESULT = "result"
 ATTR_ABLATION = "ablation"
 ATTR_REFUSALS = "refusals"
 ATTR_N_PROMPTS = "n_prompts"
@@ -117,7 +119,7 @@ class TrialResult:
         """
         if trial.state != TrialState.COMPLETE or trial.values is None:
             raise ValueError(f"trial {trial.number} is {trial.state.name}, not COMPLETE")
-        attrs = trial.user_attrs
+        attrs = dict(trial.user_attrs.get(ATTR_RESULT, trial.user_attrs))
         parameters: AblationParameters | None = None
         if ATTR_ABLATION in attrs:
             parameters = parameters_from_dict(attrs[ATTR_ABLATION])
@@ -217,15 +219,21 @@ class Objective:
         # Optuna rejects NaN objective values; a diverged edit is simply very bad (inf).
         kl = _finite_or_inf(kl)
         extra = {name: _finite_or_inf(value) for name, value in extra.items()}
-        trial.set_user_attr(ATTR_ABLATION, parameters_to_dict(parameters))
-        trial.set_user_attr(ATTR_REFUSALS, sum(refused))
-        trial.set_user_attr(ATTR_N_PROMPTS, len(refused))
-        trial.set_user_attr(ATTR_REFUSAL_RATE, rate)
-        trial.set_user_attr(ATTR_KL, kl)
-        trial.set_user_attr(ATTR_EXTRA, extra)
-        trial.set_user_attr(ATTR_SECONDS, seconds)
-        trial.set_user_attr(ATTR_EDITED, edited)
-        trial.set_user_attr(ATTR_PARTIAL, bool(outcome.partial))
+        # One attribute, one storage round trip (each is a commit; a dozen per trial showed).
+        trial.set_user_attr(
+            ATTR_RESULT,
+            {
+                ATTR_ABLATION: parameters_to_dict(parameters),
+                ATTR_REFUSALS: sum(refused),
+                ATTR_N_PROMPTS: len(refused),
+                ATTR_REFUSAL_RATE: rate,
+                ATTR_KL: kl if math.isfinite(kl) else str(kl),
+                ATTR_EXTRA: {k: v if math.isfinite(v) else str(v) for k, v in extra.items()},
+                ATTR_SECONDS: seconds,
+                ATTR_EDITED: edited,
+                ATTR_PARTIAL: bool(outcome.partial),
+            },
+        )
         values = (rate, kl, *extra.values())
         if self.on_trial_end is not None:
             self.on_trial_end(

@@ -95,6 +95,26 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {"pool_pre_ping": True}  # long runs outlive idle server connections
 
 
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _tune_sqlite(engine: sqlalchemy.Engine) -> None:
+    """Write-ahead logging with ``synchronous=NORMAL``: a commit no longer waits for fsync.
+
+    A study makes a dozen small commits per trial; with the default rollback journal each one
+    syncs the disk (measured here: ~20 ms each). WAL stays crash-safe for committed trials (a
+    power loss may drop the last commits, never corrupt the file) and lets readers and one
+    writer work at once. It needs a local file system, as SQLite locking does anyway.
+    """
+    sqlalchemy.event.listen(engine, "connect", _sqlite_pragmas)
+    engine.dispose()  # connections opened while creating the schema lack the pragma
+    with engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+
 def _prepare_sqlite_dir(url: str) -> None:
     if not url.startswith("sqlite"):
         return
@@ -132,13 +152,16 @@ def open_storage(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                storage = RDBStorage(
                     url,
                     engine_kwargs=_engine_kwargs(url),
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry),
                 )
+                if url.startswith("sqlite"):
+                    _tune_sqlite(storage.engine)
+                return storage
         except ImportError:
             raise StorageError(
                 f"no database driver for {shown}; install it: pip install 'blasphemer[postgres]'"
