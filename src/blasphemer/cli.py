@@ -162,14 +162,18 @@ def _quiet_libraries(debug: bool) -> None:
     """Our console reports progress; the libraries' own log lines and bars would interleave."""
     import logging
 
+    import huggingface_hub
     import optuna
     import transformers
 
     optuna.logging.set_verbosity(logging.DEBUG if debug else logging.WARNING)
     if debug:
         transformers.logging.set_verbosity_info()
+        huggingface_hub.logging.set_verbosity_info()
     else:
         transformers.logging.set_verbosity_error()
+        # An unreachable hub logs every HTTP retry as a warning; our error line says it once.
+        huggingface_hub.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("blasphemer").setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -10,7 +10,7 @@ import optuna
 import torch
 from transformers import TextIteratorStreamer
 
-from blasphemer import architectures, loading
+from blasphemer import architectures, loading, preflight
 from blasphemer.config import Settings
 from blasphemer.console import Console, tier
 from blasphemer.errors import ConfigError, StorageError
@@ -55,10 +55,10 @@ def inspect(settings: Settings, as_json: bool, console: Console) -> int:
         f"{settings.model}: {description['spec']} with {description['n_layers']} layers, "
         f"hidden size {description['hidden_size']}, layers at {description['layers_path']}"
     )
-    rows = [
-        [str(layer["index"]), w["kind"], w["path"], "x".join(map(str, w["shape"])), w["layout"]]
-        for layer in description["layers"]
-        for w in layer["writers"]
+    rows = [  # describe() lists, per layer, that layer's writers
+        [str(index), w["kind"], w["path"], "x".join(map(str, w["shape"])), w["layout"]]
+        for index, writers in enumerate(description["layers"])
+        for w in writers
     ]
     console.table("residual-stream writers", ["layer", "kind", "module", "shape", "layout"], rows)
     return 0
@@ -166,6 +166,7 @@ def status(settings: Settings, console: Console) -> int:
     if settings.storage is None or settings.study_name is None:
         raise ConfigError("status needs --storage URL and --study-name NAME")
     shown = redact_url(settings.storage)
+    preflight.check_storage_url(settings.storage)
     storage = open_storage(settings.storage)
     try:
         study = optuna.load_study(study_name=settings.study_name, storage=storage)

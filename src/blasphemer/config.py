@@ -7,6 +7,7 @@ every field with its default (a test keeps the two in sync).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -14,7 +15,12 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from blasphemer.errors import ConfigError
 
@@ -210,7 +216,11 @@ class Settings(BaseSettings):
         if self.grace_period <= self.heartbeat_interval:
             raise ValueError("grace_period must be larger than heartbeat_interval")
         if self.decided_after > self.max_new_tokens:
-            raise ValueError("decided_after must not exceed max_new_tokens")
+            if "decided_after" in self.model_fields_set:
+                raise ValueError("decided_after must not exceed max_new_tokens")
+            # The default follows a shorter --max-new-tokens (evaluate and chat have no
+            # --decided-after to lower it); set directly so it still counts as not given.
+            object.__setattr__(self, "decided_after", self.max_new_tokens)
         return self
 
     @classmethod
@@ -253,6 +263,13 @@ def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -
         return Settings(**given)
     except ValidationError as error:
         raise ConfigError(_one_line(error)) from None
+    except SettingsError as error:  # an environment value that is not valid JSON for a list
+        match = re.search(r'field "(\w+)"', str(error))
+        variable = f"BLASPHEMER_{match[1].upper()}" if match else "a BLASPHEMER_* variable"
+        raise ConfigError(
+            f"cannot parse {variable} from the environment; list settings there are JSON, "
+            "e.g. BLASPHEMER_DTYPES='[\"float32\"]'"
+        ) from None
     finally:
         _toml_values.reset(token)
 

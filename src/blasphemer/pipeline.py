@@ -158,6 +158,11 @@ def _run(settings: Settings, console: Console) -> Outcome:
 
 
 def _preflight(settings: Settings, source: Path | None, output_dir: Path, console: Console) -> None:
+    # Options that would otherwise fail only after the model is loaded or the study has run.
+    if settings.select is not None:
+        parse_rule(settings.select)
+    if settings.storage is not None:
+        preflight.check_storage_url(settings.storage)
     needed = 0
     if source is not None:
         budget = preflight.estimate(
@@ -266,7 +271,7 @@ def _open_study(
         )
 
     opened = open_study(settings.resume)
-    if opened.needs_decision:
+    if opened.needs_decision and not settings.yes:  # --yes asks nothing: continue (the default)
         choice = console.ask(
             f"study {name!r} already has {opened.counts.complete} finished trials: "
             "continue it or start over?",
@@ -281,8 +286,10 @@ def _open_study(
     explicit = "n_trials" in settings.model_fields_set
     budget = settings.n_trials if explicit or stored is None else int(stored)
     store_metadata(study, settings, directions, budget)
-    if counts.complete == 0 and counts.waiting == 0:
-        enqueue_once(study, space.reference_params(_reference_index(directions, space)))
+    with BudgetGate(study).hold():  # serialised with every ask: two runs queue it only once
+        fresh = count_trials(study)
+        if fresh.complete == 0 and fresh.waiting == 0:
+            enqueue_once(study, space.reference_params(_reference_index(directions, space)))
     verb = "resuming" if counts.complete else "starting"
     console.info(
         f"{verb} study {name!r} in {redact_url(url)}: {counts.complete} of {budget} trials done"
@@ -543,6 +550,7 @@ def work(settings: Settings, console: Console) -> int:
     if settings.storage is None or settings.study_name is None:
         raise ConfigError("a worker needs --storage URL and --study-name NAME of a running study")
     shown = redact_url(settings.storage)
+    preflight.check_storage_url(settings.storage)
     study = _await_study(open_storage(settings.storage), settings.study_name, shown, console)
     stored, directions, budget = read_metadata(study, shown)
     local = {k: v for k, v in settings.model_dump().items() if k in settings.model_fields_set}

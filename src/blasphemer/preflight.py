@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import sqlalchemy
 import torch
 
-from blasphemer.errors import ExportError, ModelLoadError
+from blasphemer.errors import ExportError, ModelLoadError, StorageError
+from blasphemer.optimization.study import normalize_url, redact_url
 
 _BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -147,3 +149,18 @@ def check_output_dir(output_dir: Path, source: Path | None, needed_bytes: int) -
             f"not enough disk for --output-dir {output_dir}: need {needed_bytes / 2**30:.2f} GiB, "
             f"{free / 2**30:.2f} GiB free; free space or choose another disk"
         )
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a ``--storage`` URL that no installed database dialect understands.
+
+    Checked before the model is loaded, so a typo in the scheme fails in seconds; reachability
+    and drivers are checked when the study is opened.
+    """
+    try:
+        sqlalchemy.engine.make_url(normalize_url(url)).get_dialect()
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError):
+        raise StorageError(
+            f"cannot use storage URL {redact_url(url)!r}; use sqlite:///path/study.db or "
+            "postgresql://user@host/database"
+        ) from None

@@ -1,0 +1,707 @@
+"""The command line: help, settings precedence, the defaults file, and every bad input.
+
+Every bad input must end in exactly one line on standard error that starts with ``error:`` and
+names the problem, and a non-zero exit code; no traceback. Most cases call :func:`cli.main` in
+process (a subprocess costs seconds of imports each); two run the installed console script to
+show the same holds end to end. Runs that need a model use tiny random Llamas with an offline
+chat tokenizer, so the whole file takes seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import optuna
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from blasphemer import cli, pipeline, preflight
+from blasphemer.config import Settings, default_toml
+from blasphemer.console import Console, tier
+from blasphemer.optimization import default_storage_url, default_study_name
+from blasphemer.prompts import bundled_splits
+from test_loading import _tokenizer as word_tokenizer
+from tiny_models import VOCAB, build_tiny
+
+DEFAULTS_FILE = Path(cli.__file__).with_name("config.default.toml")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+    "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+SPECIALS = ["<|pad|>", "<s>", "<|end|>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Small enough that a tiny run takes about a second; the numbers themselves are not checked.
+FAST = [
+    "--max-fit-prompts",
+    "4",
+    "--n-select-prompts",
+    "4",
+    "--n-report-prompts",
+    "4",
+    "--max-new-tokens",
+    "4",
+    "--decided-after",
+    "2",
+    "--batch-size",
+    "4",
+    "--n-startup-trials",
+    "1",
+    "--dtypes",
+    "float32",
+    "--device-map",
+    "cpu",
+]
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _chat_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level chat tokenizer built offline: ids 0-6 special, then the commonest words of
+    the bundled prompts, exactly filling the tiny models' vocabulary."""
+    counts: Counter[str] = Counter()
+    for kind in ("harmful", "harmless"):
+        for prompt in bundled_splits(kind).fit.prompts:
+            counts.update(prompt.text.lower().split())
+    words = [w for w, _ in counts.most_common() if w not in SPECIALS][: VOCAB - len(SPECIALS)]
+    vocab = {token: index for index, token in enumerate([*SPECIALS, *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|end|>",
+        unk_token="<unk>",
+        pad_token="<|pad|>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _save_chat_model(folder: Path, seed: int) -> Path:
+    model = build_tiny("llama", seed=seed)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(folder)
+    _chat_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_chat_model(tmp_path_factory.mktemp("models") / "tiny-a", seed=11)
+
+
+@pytest.fixture(scope="module")
+def tiny_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_chat_model(tmp_path_factory.mktemp("models") / "tiny-b", seed=22)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test in its own working folder, with no BLASPHEMER_* setting from the outside."""
+    monkeypatch.chdir(tmp_path)
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"BLASPHEMER_{name.upper()}", raising=False)
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse: one help line per option
+
+
+@pytest.fixture
+def blasphemer(capsys: pytest.CaptureFixture[str]) -> Callable[..., SimpleNamespace]:
+    """Run ``blasphemer ARGS`` in process: exit code, standard output and standard error."""
+
+    def call(*args: str | Path) -> SimpleNamespace:
+        capsys.readouterr()
+        code = cli.main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return SimpleNamespace(code=code, out=captured.out, err=captured.err)
+
+    return call
+
+
+def _assert_one_line_error(result: Any, *needles: str) -> str:
+    """Non-zero exit; stderr is one ``error:`` line naming every needle (case-insensitive)."""
+    assert result.code != 0, result.out
+    assert "Traceback" not in result.err
+    lines = result.err.rstrip("\n").split("\n")
+    assert len(lines) == 1, result.err
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for needle in needles:
+        assert needle.lower() in line.lower(), (needle, line)
+    return line
+
+
+@pytest.fixture
+def captured_settings(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """Replace the pipeline: ``blasphemer run`` then only records the settings it was given."""
+    seen: list[Settings] = []
+
+    def record(settings: Settings, console: Console) -> int:
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(pipeline, "run", record)
+    return seen
+
+
+def _trials(storage_url: str, study_name: str) -> dict[int, tuple[Any, ...]]:
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    return {
+        t.number: (tuple(t.values), tuple(sorted(t.params.items())))
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    }
+
+
+# --- help and parsing ---------------------------------------------------------------------------
+
+
+def test_run_help_lists_every_setting_with_its_description(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, info in Settings.model_fields.items():
+        if name == "model":
+            continue
+        assert f"--{name.replace('_', '-')}" in text, name
+        assert " ".join((info.description or "").split()) in text, name
+    assert "--resume, --no-resume" in text
+
+
+@pytest.mark.parametrize("command", cli.SUBCOMMANDS)
+def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: blasphemer {command}" in capsys.readouterr().out
+
+
+def test_version_and_bare_command(blasphemer: Callable[..., SimpleNamespace]) -> None:
+    from blasphemer import __version__
+
+    version = blasphemer("--version")
+    assert version.code == 0 and version.out.strip() == f"blasphemer {__version__}"
+    bare = blasphemer()
+    assert bare.code == 2 and "usage: blasphemer" in bare.out
+
+
+def test_a_model_alone_means_run(
+    blasphemer: Callable[..., SimpleNamespace], captured_settings: list[Settings]
+) -> None:
+    assert blasphemer("some/model", "--n-trials", "3", "--no-resume").code == 0
+    (settings,) = captured_settings
+    assert settings.model == "some/model"
+    assert settings.n_trials == 3 and settings.resume is False
+
+
+def test_resume_flag_has_three_states(
+    blasphemer: Callable[..., SimpleNamespace], captured_settings: list[Settings]
+) -> None:
+    for flag in ("--resume", "--no-resume", None):
+        assert blasphemer("run", "m/x", *([flag] if flag else [])).code == 0
+    assert [s.resume for s in captured_settings] == [True, False, None]
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_precedence_is_cli_then_env_then_toml_then_defaults(
+    blasphemer: Callable[..., SimpleNamespace],
+    captured_settings: list[Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text(
+        'model = "from/toml"\nn_trials = 5\nseed = 1\nbatch_size = 3\ndtypes = ["float16"]\n'
+    )
+    monkeypatch.setenv("BLASPHEMER_N_TRIALS", "7")
+    monkeypatch.setenv("BLASPHEMER_SEED", "2")
+    monkeypatch.setenv("BLASPHEMER_DTYPES", '["bfloat16", "float32"]')
+    monkeypatch.setenv("BLASPHEMER_YES", "true")
+    assert blasphemer("run", "--config", config, "--n-trials", "9").code == 0
+    (settings,) = captured_settings
+    assert settings.n_trials == 9  # command line beats environment and file
+    assert settings.seed == 2  # environment beats file
+    assert settings.dtypes == ["bfloat16", "float32"]  # lists from the environment are JSON
+    assert settings.yes is True
+    assert settings.batch_size == 3  # file beats defaults
+    assert settings.model == "from/toml"  # the model can come from the file too
+    assert settings.max_batch_size == Settings.model_fields["max_batch_size"].default
+
+
+def test_a_shorter_response_length_lowers_the_default_decision_length() -> None:
+    # evaluate and chat have no --decided-after, so its default must follow --max-new-tokens.
+    settings = Settings(max_new_tokens=4)
+    assert settings.decided_after == 4
+    assert "decided_after" not in settings.model_fields_set
+
+
+def test_committed_defaults_file_is_the_generated_one() -> None:
+    assert DEFAULTS_FILE.read_text() == default_toml(), (
+        "config.default.toml is stale: write blasphemer.config.default_toml() into it"
+    )
+
+
+def test_defaults_file_documents_every_setting_and_loads_to_the_defaults(
+    blasphemer: Callable[..., SimpleNamespace], captured_settings: list[Settings]
+) -> None:
+    text = DEFAULTS_FILE.read_text()
+    for name, info in Settings.model_fields.items():
+        assert re.search(rf"^(# )?{name} =", text, re.MULTILINE), name
+        assert f"# {info.description}" in text, name
+    assert set(tomllib.loads(text)) <= set(Settings.model_fields)
+    assert blasphemer("run", "m/x", "--config", DEFAULTS_FILE).code == 0
+    (settings,) = captured_settings
+    assert settings.model_dump(exclude={"model"}) == Settings().model_dump(exclude={"model"})
+
+
+# --- bad input: every case is one line and a non-zero exit ------------------------------------
+
+
+def test_missing_model_path(blasphemer: Callable[..., SimpleNamespace], tmp_path: Path) -> None:
+    _assert_one_line_error(blasphemer("run", tmp_path / "nowhere"), "nowhere", "does not exist")
+
+
+def test_folder_that_is_not_a_model(
+    blasphemer: Callable[..., SimpleNamespace], tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"\xff\xd8")
+    _assert_one_line_error(blasphemer("run", folder), "photos", "not a model folder")
+    _assert_one_line_error(blasphemer("run", folder / "cat.jpg"), "cat.jpg", "not a model folder")
+
+
+def test_model_with_an_unreadable_config(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in tiny_a.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "config.json").write_text('{"model_type": "llama",')
+    _assert_one_line_error(blasphemer("run", broken, *FAST), "config", "broken")
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        ("n_trials = [", ("cannot read config file",)),
+        (None, ("does not exist", "--config")),
+        ("", ("cannot read config file", "directory")),  # a folder given as the file
+        ("n_trails = 5\n", ("unknown keys", "n_trails")),
+        ('n_trials = "many"\n', ("--n-trials", "integer")),
+    ],
+    ids=["syntax", "missing", "folder", "unknown-key", "wrong-type"],
+)
+def test_bad_config_file(
+    blasphemer: Callable[..., SimpleNamespace],
+    tmp_path: Path,
+    content: str | None,
+    needles: Sequence[str],
+) -> None:
+    config = tmp_path / "settings.toml"
+    if "directory" in needles:
+        config.mkdir()
+    elif content is not None:
+        config.write_text(content)
+    _assert_one_line_error(blasphemer("run", "m/x", "--config", config), *needles)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "m/x", "--bogus"], ["inspect", "m/x", "--bogus"], ["demo", "--bogus"]],
+    ids=["run", "inspect", "demo"],
+)
+def test_unknown_option(blasphemer: Callable[..., SimpleNamespace], args: list[str]) -> None:
+    _assert_one_line_error(blasphemer(*args), "unrecognized arguments", "--help")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--n-trials", "0"], ("--n-trials", "greater than or equal to 1")),
+        (["--n-trials", "-3"], ("--n-trials",)),
+        (["--n-trials", "many"], ("--n-trials", "invalid int")),
+        (["--max-fit-prompts", "1"], ("--max-fit-prompts", "2")),
+        (["--kl-positions", "0"], ("--kl-positions",)),
+        (["--grace-period", "5", "--heartbeat-interval", "10"], ("grace_period",)),
+        (["--max-new-tokens", "8", "--decided-after", "9"], ("decided_after",)),
+        (["--dtypes", "float64"], ("--dtypes", "float64")),
+        (["--quantization", "int3"], ("--quantization", "invalid choice")),
+        (["--select", "best"], ("--select", "best")),
+        (["--select", "lowest-kl:refusals<=150%"], ("--select", "between 0 and 1")),
+        (["--storage", "mysq1://db"], ("storage url", "mysq1")),
+    ],
+    ids=lambda value: "_".join(value) if isinstance(value, list) else None,
+)
+def test_invalid_values_are_refused_before_the_model_loads(
+    blasphemer: Callable[..., SimpleNamespace],
+    tiny_a: Path,
+    tmp_path: Path,
+    args: list[str],
+    needles: Sequence[str],
+) -> None:
+    result = blasphemer("run", tiny_a, *FAST, *args)
+    _assert_one_line_error(result, *needles)
+    assert "[2/10]" not in result.out  # stopped before loading
+    assert not (tmp_path / "blasphemer-runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needles"),
+    [
+        ("BLASPHEMER_N_TRIALS", "many", ("--n-trials", "integer")),
+        ("BLASPHEMER_YES", "perhaps", ("--yes", "boolean")),
+        ("BLASPHEMER_DTYPES", "float32", ("BLASPHEMER_DTYPES", "JSON")),
+    ],
+)
+def test_invalid_environment_values(
+    blasphemer: Callable[..., SimpleNamespace],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    needles: Sequence[str],
+) -> None:
+    monkeypatch.setenv(variable, value)
+    _assert_one_line_error(blasphemer("run", "m/x"), *needles)
+
+
+@pytest.mark.parametrize("side", ["harmful", "harmless"])
+@pytest.mark.parametrize("content", ["", "\n  \n\n"], ids=["empty", "blank-lines"])
+def test_empty_prompt_set(
+    blasphemer: Callable[..., SimpleNamespace],
+    tiny_a: Path,
+    tmp_path: Path,
+    side: str,
+    content: str,
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(content)
+    result = blasphemer("run", tiny_a, *FAST, f"--{side}", prompts, "--yes")
+    _assert_one_line_error(result, "prompts.txt", "no prompts")
+
+
+def test_missing_prompt_file(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, tmp_path: Path
+) -> None:
+    result = blasphemer("run", tiny_a, *FAST, "--harmful", tmp_path / "absent.txt")
+    _assert_one_line_error(result, "absent.txt", "not found")
+
+
+def test_study_of_another_model_in_the_same_storage(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, tiny_b: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    shared = ["--storage", url, "--study-name", "shared", "--n-trials", "1", "--yes"]
+    first = blasphemer("run", tiny_a, *FAST, *shared, "--output-dir", tmp_path / "out-a")
+    assert first.code == 0, first.err
+    before = _trials(url, "shared")
+    result = blasphemer("run", tiny_b, *FAST, *shared, "--output-dir", tmp_path / "out-b")
+    _assert_one_line_error(result, "study 'shared'", "another setup", "model_id", "--no-resume")
+    assert _trials(url, "shared") == before  # the other model's study is untouched
+    assert not (tmp_path / "out-b").exists()
+
+
+def test_output_dir_without_write_permission(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path
+) -> None:
+    # Tests run as root, for whom permission bits do not stop writes; /proc refuses everyone.
+    result = blasphemer("run", tiny_a, *FAST, "--output-dir", "/proc/blasphemer-test/out")
+    _assert_one_line_error(result, "/proc/blasphemer-test/out", "cannot write")
+
+
+@pytest.mark.parametrize("inside", ["", "merged"], ids=["same", "inside"])
+def test_output_dir_is_the_source_model(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, inside: str
+) -> None:
+    files = sorted(p.name for p in tiny_a.iterdir())
+    result = blasphemer("run", tiny_a, *FAST, "--output-dir", tiny_a / inside)
+    _assert_one_line_error(result, "--output-dir", "source model")
+    assert sorted(p.name for p in tiny_a.iterdir()) == files
+
+
+def test_output_dir_that_is_a_file_or_holds_foreign_files(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("x")
+    result = blasphemer("run", tiny_a, *FAST, "--output-dir", tmp_path / "file")
+    _assert_one_line_error(result, "is a file")
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "chapter1.tex").write_text("x")
+    result = blasphemer("run", tiny_a, *FAST, "--output-dir", tmp_path / "thesis")
+    _assert_one_line_error(result, "thesis", "did not write")
+    assert (tmp_path / "thesis" / "chapter1.tex").read_text() == "x"
+
+
+def test_not_enough_memory(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(preflight.psutil, "virtual_memory", lambda: SimpleNamespace(available=1024))
+    result = blasphemer("run", tiny_a, *FAST[:-4], "--device-map", "cpu")
+    line = _assert_one_line_error(result, "will not fit", "available 0.00 GiB", "--dtypes")
+    assert "in memory" in line
+    assert "[2/10]" not in result.out
+
+
+def test_not_enough_disk(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        preflight.shutil, "disk_usage", lambda _path: SimpleNamespace(total=1, used=1, free=0)
+    )
+    result = blasphemer("run", tiny_a, *FAST)
+    _assert_one_line_error(result, "not enough disk", "--output-dir")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["evaluate", "m/x"], ("--base",)),
+        (["evaluate", "{tmp}/nowhere", "--base", "{tmp}/nowhere"], ("nowhere", "does not exist")),
+        (["chat", "{tmp}/nowhere"], ("nowhere", "does not exist")),
+        (["inspect", "{tmp}", "--json"], ("not a model",)),
+        (["worker"], ("--storage", "--study-name")),
+        (["status", "--storage", "sqlite:///{tmp}/s.db", "--study-name", "x"], ("no study 'x'",)),
+        (["status", "--storage", "nosuchdb://x", "--study-name", "x"], ("storage url",)),
+    ],
+    ids=["evaluate-no-base", "evaluate-missing", "chat", "inspect", "worker", "status", "url"],
+)
+def test_other_commands_refuse_bad_input(
+    blasphemer: Callable[..., SimpleNamespace],
+    tmp_path: Path,
+    args: list[str],
+    needles: Sequence[str],
+) -> None:
+    result = blasphemer(*(a.replace("{tmp}", str(tmp_path)) for a in args))
+    _assert_one_line_error(result, *needles)
+
+
+def test_unreachable_hub_is_one_line_too(blasphemer: Callable[..., SimpleNamespace]) -> None:
+    import logging
+
+    blasphemer("--version")
+    # The hub client logs every HTTP retry as a warning; the CLI keeps only its own error line.
+    assert logging.getLogger("huggingface_hub").getEffectiveLevel() >= logging.ERROR
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "/nonexistent/model-folder"], ["run", "no-such-owner/no-such-model", "--yes"]],
+    ids=["path", "hub-id-offline"],
+)
+def test_console_script_prints_one_line(args: list[str], tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("blasphemer")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    result = SimpleNamespace(code=done.returncode, out=done.stdout, err=done.stderr)
+    _assert_one_line_error(result, args[1])
+
+
+# --- runs on a tiny model: budget, resume, selection, display -----------------------------------
+
+
+def _results(folder: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((folder / "results.json").read_text())
+    return data
+
+
+def test_n_trials_is_the_total_budget_of_a_resumed_study(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, tmp_path: Path
+) -> None:
+    url = default_storage_url(tmp_path / "runs")
+    name = default_study_name(str(tiny_a))
+    common = ["run", tiny_a, *FAST, "--run-dir", tmp_path / "runs", "--yes"]
+
+    assert blasphemer(*common, "--n-trials", "2", "--output-dir", "o1").code == 0
+    first = _trials(url, name)
+    assert sorted(first) == [0, 1]
+
+    grown = blasphemer(*common, "--n-trials", "3", "--output-dir", "o2")
+    assert grown.code == 0, grown.err
+    assert "resuming" in grown.out and "2 of 3 trials done" in grown.out
+    second = _trials(url, name)
+    assert sorted(second) == [0, 1, 2]
+    assert {n: second[n] for n in first} == first  # finished trials are kept as they were
+
+    again = blasphemer(*common, "--output-dir", "o3")  # no --n-trials: the stored budget
+    assert again.code == 0 and "3 of 3 trials done" in again.out
+    assert _trials(url, name) == second
+    assert len(_results(tmp_path / "o3")["trials"]) == 3
+
+    fresh = blasphemer(*common, "--n-trials", "1", "--no-resume", "--output-dir", "o4")
+    assert fresh.code == 0 and "starting" in fresh.out
+    assert sorted(_trials(url, name)) == [0]
+
+
+class _ScriptedConsole(Console):
+    """An interactive console whose answers are scripted; records every question."""
+
+    answers: ClassVar[list[str]] = []
+    questions: ClassVar[list[str]] = []
+
+    def __init__(self, quiet: bool = False, debug: bool = False, stream: Any = None) -> None:
+        super().__init__(quiet=quiet, debug=debug, stream=stream)
+        self.interactive = True
+
+    def ask(self, question: str, choices: Sequence[str], default: str) -> str:
+        self.questions.append(question)
+        answer = self.answers.pop(0) if self.answers else default
+        assert answer in choices
+        return answer
+
+    def confirm(self, question: str, default: bool) -> bool:
+        self.questions.append(question)
+        return True
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> type[_ScriptedConsole]:
+    monkeypatch.setattr(_ScriptedConsole, "answers", [])
+    monkeypatch.setattr(_ScriptedConsole, "questions", [])
+    monkeypatch.setattr(cli, "Console", _ScriptedConsole)
+    return _ScriptedConsole
+
+
+def test_interactive_choice_can_save_nothing(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, scripted: type[_ScriptedConsole]
+) -> None:
+    scripted.answers.append("none")
+    result = blasphemer("run", tiny_a, *FAST, "--n-trials", "2", "--output-dir", "out")
+    assert result.code == 0, result.err
+    assert scripted.questions == ["trial to save (or 'none')"]
+    assert not Path("out").exists()
+
+
+def test_interactive_choice_saves_the_starred_default_after_confirming(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, scripted: type[_ScriptedConsole]
+) -> None:
+    result = blasphemer("run", tiny_a, *FAST, "--n-trials", "2", "--output-dir", "out")
+    assert result.code == 0, result.err
+    assert scripted.questions[0] == "trial to save (or 'none')"
+    assert scripted.questions[1].startswith("save trial")
+    starred = re.search(r"⭐ (\d+)", result.out)
+    assert starred is not None
+    assert _results(Path("out"))["chosen"]["number"] == int(starred[1])
+
+
+def test_yes_asks_nothing_even_on_a_terminal(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, scripted: type[_ScriptedConsole]
+) -> None:
+    args = ["run", tiny_a, *FAST, "--n-trials", "2", "--yes", "--output-dir", "out"]
+    assert blasphemer(*args).code == 0
+    assert blasphemer(*args).code == 0  # the study exists now: still no continue/restart question
+    assert scripted.questions == []
+    assert (Path("out") / "results.json").is_file()
+
+
+def test_select_rules_choose_the_saved_trial(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, scripted: type[_ScriptedConsole]
+) -> None:
+    args = ["run", tiny_a, *FAST, "--n-trials", "3", "--yes"]
+    assert blasphemer(*args, "--select", "1", "--output-dir", "by-number").code == 0
+    assert _results(Path("by-number"))["chosen"]["number"] == 1
+    result = blasphemer(*args, "--select", "lowest-kl:refusals<=100%", "--output-dir", "by-kl")
+    assert result.code == 0
+    data = _results(Path("by-kl"))
+    assert data["chosen"]["kl"] == min(t["kl"] for t in data["trials"])
+    assert scripted.questions == []
+
+
+def test_unknown_trial_number_is_one_line(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path
+) -> None:
+    result = blasphemer("run", tiny_a, *FAST, "--n-trials", "1", "--yes", "--select", "99")
+    _assert_one_line_error(result, "99")
+
+
+def test_run_prints_stages_trials_and_the_pareto_table(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path
+) -> None:
+    result = blasphemer("run", tiny_a, *FAST, "--n-trials", "2", "--yes", "--quiet")
+    assert result.code == 0 and result.err == ""
+    for stage in range(1, 11):
+        assert f"[{stage}/10]" in result.out
+    assert "trial 2/2" in result.out and "ETA" in result.out
+    assert "Pareto front" in result.out and "⭐" in result.out
+    assert re.search(r"\d+\.\d% \[\d+%-\d+%\]", result.out)  # rates with 95 % intervals
+    assert "\x1b[" not in result.out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_quiet_mode_prints_plain_lines_even_on_a_terminal() -> None:
+    def show(console: Console) -> None:
+        with console.progress("scoring", 3) as advance:
+            advance(3)
+        console.table("front", ["trial", "tier"], [["⭐ 1", "Good"]])
+
+    live, quiet = _Terminal(), _Terminal()
+    show(Console(stream=live))
+    show(Console(quiet=True, stream=quiet))
+    assert quiet.getvalue().splitlines() == [
+        quiet.getvalue().splitlines()[0],
+        "front",
+        "  trial | tier",
+        "  ⭐ 1 | Good",
+    ]
+    assert quiet.getvalue().startswith("scoring: 3 done in ")
+    assert "\x1b[" not in quiet.getvalue()
+    assert "┃" in live.getvalue() or "│" in live.getvalue()  # a drawn table
+
+
+@pytest.mark.parametrize(
+    ("rate", "kl", "expected"),
+    [
+        (0.0, 0.1, "Excellent"),
+        (0.02, 0.2, "Very good"),
+        (0.05, 0.4, "Good"),
+        (0.06, 0.0, "Poor"),
+        (0.0, 0.5, "Poor"),
+    ],
+)
+def test_tiers(rate: float, kl: float, expected: str) -> None:
+    assert tier(rate, kl) == expected
+
+
+def test_inspect_json_on_a_tiny_saved_model(
+    blasphemer: Callable[..., SimpleNamespace], tmp_path: Path
+) -> None:
+    folder = tmp_path / "tiny-llama"
+    build_tiny("llama").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    result = blasphemer("inspect", folder, "--json", "--dtypes", "float32")
+    assert result.code == 0, result.err
+    description = json.loads(result.out)
+    assert description["spec"] == "llama" and description["n_layers"] == 2
+    assert description["hidden_size"] == 32
+    paths = [w["path"] for layer in description["layers"] for w in layer]
+    assert paths == [
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    table = blasphemer("inspect", folder, "--dtypes", "float32")
+    assert table.code == 0, table.err
+    assert "model.layers.1.mlp.down_proj" in table.out
