@@ -227,9 +227,9 @@ def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
 
         return pipeline.demo(load_settings(values, config_file), console)
     if command == "worker":
-        from blasphemer import pipeline
+        from blasphemer import worker
 
-        return pipeline.work(load_settings(values, config_file), console)
+        return worker.work(load_settings(values, config_file), console)
     from blasphemer import commands
 
     if command == "status":

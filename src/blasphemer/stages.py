@@ -1,0 +1,397 @@
+"""The stage implementations that :mod:`blasphemer.pipeline` sequences.
+
+Each function does one numbered stage of a run (or a worker's share of one) and returns a value
+object for the next; none of them calls another stage.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+import torch
+
+from blasphemer import architectures, export, loading, preflight, report
+from blasphemer.config import Settings
+from blasphemer.console import Console, TrialMonitor, tier
+from blasphemer.directions import Directions, compute_directions
+from blasphemer.editing import apply_ablation
+from blasphemer.errors import ConfigError
+from blasphemer.evaluation import KLScorer, RefusalScorer, wilson_interval
+from blasphemer.evaluation.batching import choose_batch_size
+from blasphemer.optimization import (
+    Objective,
+    OpenedStudy,
+    SearchSpace,
+    TrialResult,
+    count_trials,
+    create_or_load_study,
+    default_storage_url,
+    default_study_name,
+    enqueue_once,
+    parse_rule,
+    recommended,
+    redact_url,
+)
+from blasphemer.optimization.runner import BudgetGate, run_trials
+from blasphemer.residuals import mean_residuals
+from blasphemer.workspace import (
+    ATTR_BUDGET,
+    Prompts,
+    Scorers,
+    store_metadata,
+    study_fingerprint,
+)
+
+MAX_HELD_OUT_TRIALS = 8
+
+
+def slug(model_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_id.rstrip("/")).name or "model")
+
+
+def run_dir(settings: Settings, model_id: str) -> Path:
+    return settings.run_dir or Path("blasphemer-runs") / slug(model_id)
+
+
+def output_dir(settings: Settings, model_id: str) -> Path:
+    return settings.output_dir or Path(f"{slug(model_id)}-blasphemer")
+
+
+def preflight_checks(
+    settings: Settings, source: Path | None, output_dir: Path, console: Console
+) -> None:
+    # Options that would otherwise fail only after the model is loaded or the study has run.
+    if settings.select is not None:
+        parse_rule(settings.select)
+    if settings.storage is not None:
+        preflight.check_storage_url(settings.storage)
+    needed = 0
+    if source is not None:
+        budget = preflight.estimate(
+            source, settings.dtypes, settings.device_map, settings.quantization
+        )
+        preflight.check_memory(budget, settings.dtypes)
+        needed = budget.weights_on_disk
+        console.info(budget.summary())
+    preflight.check_output_dir(output_dir, source, needed)
+    if (
+        output_dir.exists()
+        and any(output_dir.iterdir())
+        and not (output_dir / "results.json").exists()
+    ):
+        raise ConfigError(
+            f"--output-dir {output_dir} exists and holds files that Blasphemer did not write; "
+            "choose an empty or new folder"
+        )
+
+
+def load_model(settings: Settings) -> loading.LoadedModel:
+    assert settings.model is not None
+    return loading.load_model(
+        settings.model,
+        dtypes=settings.dtypes,
+        device_map=settings.device_map,
+        quantization=settings.quantization,
+        trust_remote_code=settings.trust_remote_code,
+        revision=settings.revision,
+    )
+
+
+def map_model(
+    settings: Settings, loaded: loading.LoadedModel, console: Console
+) -> architectures.ModelMap:
+    override = (
+        architectures.load_override(settings.architecture_override)
+        if settings.architecture_override
+        else None
+    )
+    model_map = architectures.resolve(loaded.model, override)
+    writers = sum(len(w) for w in model_map.writers)
+    console.info(
+        f"{model_map.spec_name}: {model_map.n_layers} layers, hidden {model_map.hidden_size}, "
+        f"{writers} writers, dtype {str(loaded.dtype).removeprefix('torch.')}"
+    )
+    return model_map
+
+
+def batch_size(
+    settings: Settings, loaded: loading.LoadedModel, prompts: Prompts, console: Console
+) -> int:
+    if settings.batch_size is not None:
+        return settings.batch_size
+    size = choose_batch_size(loaded, prompts.harmful.select, settings.max_batch_size)
+    console.info(f"batch size {size} (measured; --batch-size to override)")
+    return size
+
+
+def compute_refusal_directions(
+    settings: Settings,
+    loaded: loading.LoadedModel,
+    model_map: architectures.ModelMap,
+    prompts: Prompts,
+    batch: int,
+    console: Console,
+) -> Directions:
+    means = {}
+    for name, texts in (("harmful", prompts.harmful.fit), ("harmless", prompts.harmless.fit)):
+        with console.progress(f"residuals of {len(texts)} {name} prompts", len(texts)) as advance:
+            means[name] = mean_residuals(
+                loaded, model_map, texts, batch_size=batch, on_batch=advance
+            )
+    directions = compute_directions(
+        means["harmful"], means["harmless"], projected=settings.projected_directions
+    )
+    best = int(torch.argmax(directions.strength))
+    console.info(f"strongest separation at layer {best} of {directions.n_layers}")
+    return directions
+
+
+def open_study(
+    settings: Settings,
+    loaded: loading.LoadedModel,
+    prompts: Prompts,
+    directions: Directions,
+    space: SearchSpace,
+    console: Console,
+) -> tuple[optuna.Study, int]:
+    assert settings.model is not None
+    url = settings.storage or default_storage_url(run_dir(settings, settings.model))
+    name = settings.study_name or default_study_name(settings.model)
+    fingerprint = study_fingerprint(settings, loaded, prompts)
+
+    def open_with(resume: bool | None) -> OpenedStudy:
+        return create_or_load_study(
+            url,
+            name,
+            resume=resume,
+            seed=settings.seed,
+            fingerprint=fingerprint,
+            n_startup_trials=settings.n_startup_trials,
+            heartbeat_interval=settings.heartbeat_interval,
+            grace_period=settings.grace_period,
+        )
+
+    opened = open_with(settings.resume)
+    if opened.needs_decision and not settings.yes:  # --yes asks nothing: continue (the default)
+        choice = console.ask(
+            f"study {name!r} already has {opened.counts.complete} finished trials: "
+            "continue it or start over?",
+            ["continue", "restart"],
+            "continue",
+        )
+        if choice == "restart":
+            opened = open_with(False)
+    study = opened.study
+    counts = count_trials(study)
+    stored = study.user_attrs.get(ATTR_BUDGET)
+    explicit = "n_trials" in settings.model_fields_set
+    budget = settings.n_trials if explicit or stored is None else int(stored)
+    store_metadata(study, settings, directions, budget)
+    with BudgetGate(study).hold():  # serialised with every ask: two runs queue it only once
+        fresh = count_trials(study)
+        if fresh.complete == 0 and fresh.waiting == 0:
+            enqueue_once(study, space.reference_params(reference_index(directions, space)))
+    verb = "resuming" if counts.complete else "starting"
+    console.info(
+        f"{verb} study {name!r} in {redact_url(url)}: {counts.complete} of {budget} trials done"
+    )
+    return study, budget
+
+
+def reference_index(directions: Directions, space: SearchSpace) -> float:
+    """The layer with the strongest separation inside the searched direction range."""
+    low, high = space.direction_index
+    strength = directions.strength.clone()
+    for layer in range(directions.n_layers):
+        if not low <= layer <= high:
+            strength[layer] = -1.0
+    return float(torch.argmax(strength)) if strength.max() >= 0 else (low + high) / 2
+
+
+def optimise(
+    settings: Settings,
+    study: optuna.Study,
+    budget: int,
+    model_map: architectures.ModelMap,
+    directions: Directions,
+    space: SearchSpace,
+    scorers: Scorers,
+    console: Console,
+) -> None:
+    counts = count_trials(study)
+    monitor = TrialMonitor(total=budget, done_before=counts.complete)
+
+    def finished(result: TrialResult) -> None:
+        console.trial_finished(monitor, result.number, result.refusal_rate, result.kl)
+
+    objective = Objective(
+        model_map=model_map,
+        directions=directions,
+        search_space=space,
+        refusal_scorer=scorers.refusals,
+        kl_scorer=scorers.kl,
+        extra_scorers=scorers.extra,
+        on_trial_end=finished,
+    )
+    gate = BudgetGate(study)
+    run_trials(
+        study,
+        objective,
+        budget=budget,
+        gate=gate,
+        heartbeat_interval=settings.heartbeat_interval,
+        on_wait=lambda: console.info("waiting for other workers' last trials ..."),
+    )
+
+
+def held_out(
+    settings: Settings,
+    loaded: loading.LoadedModel,
+    model_map: architectures.ModelMap,
+    directions: Directions,
+    prompts: Prompts,
+    front: list[TrialResult],
+    batch: int,
+    console: Console,
+) -> dict[int, export.HeldOutScores]:
+    """Report-split refusals (full length) and KL for the front's trials, plus the original."""
+    refusals = RefusalScorer(
+        loaded,
+        prompts.harmful.report,
+        markers=settings.refusal_markers,
+        max_new_tokens=settings.max_new_tokens,
+        decided_after=None,
+        stop_at_marker=True,  # same verdicts as full length; refusals just stop sooner
+        batch_size=batch,
+    )
+    kl = KLScorer(
+        loaded, prompts.harmless.report, batch_size=batch, positions=settings.kl_positions
+    )
+    original = refusals.evaluate()
+    scores: dict[int, export.HeldOutScores] = {}
+    shown = sorted(front, key=lambda r: (r.refusal_rate, r.kl))[:MAX_HELD_OUT_TRIALS]
+    with console.progress("held-out evaluation of front trials", len(shown)) as advance:
+        for result in shown:
+            parameters = result.parameters
+            assert parameters is not None
+            with apply_ablation(
+                model_map,
+                directions.for_layers(parameters.direction_index),
+                parameters.layer_weights(model_map.n_layers),
+                parameters.norm_preserving,
+            ):
+                outcome = refusals.evaluate()
+                divergence = kl.score()
+            scores[result.number] = export.HeldOutScores(
+                refusals=sum(outcome.refused),
+                n_prompts=len(outcome.refused),
+                kl=divergence,
+                original_refusals=sum(original.refused),
+            )
+            advance(1)
+    star = recommended(front)
+    rows = []
+    for result in sorted(front, key=lambda r: (r.refusal_rate, r.kl)):
+        low, high = wilson_interval(result.refusals or 0, result.n_prompts or 1)
+        held = scores.get(result.number)
+        report_cells = ["-", "-"]
+        if held is not None:
+            h_low, h_high = wilson_interval(held.refusals, held.n_prompts)
+            report_cells = [
+                f"{held.refusal_rate:.1%} [{h_low:.0%}-{h_high:.0%}]",
+                f"{held.kl:.3f}",
+            ]
+        rows.append(
+            [
+                ("⭐ " if star is not None and star.number == result.number else "")
+                + str(result.number),
+                f"{result.refusal_rate:.1%} [{low:.0%}-{high:.0%}]",
+                f"{result.kl:.3f}",
+                tier(result.refusal_rate, result.kl),
+                *report_cells,
+            ]
+        )
+    console.table(
+        f"Pareto front (original model refuses {original.rate:.1%} of held-out harmful prompts)",
+        ["trial", "refusals (select)", "KL (select)", "tier", "refusals (report)", "KL (report)"],
+        rows,
+    )
+    return scores
+
+
+def choose(
+    settings: Settings, results: list[TrialResult], front: list[TrialResult], console: Console
+) -> TrialResult | None:
+    if not results:
+        console.warn("no trial finished; nothing to save")
+        return None
+    if settings.select is not None:
+        return parse_rule(settings.select).select(results)
+    star = recommended(front)
+    assert star is not None
+    if settings.yes or not console.interactive:
+        return parse_rule("knee").select(results)
+    numbers = [str(r.number) for r in front]
+    answer = console.ask("trial to save (or 'none')", [*numbers, "none"], str(star.number))
+    if answer == "none":
+        return None
+    return next(r for r in front if str(r.number) == answer)
+
+
+def save(
+    settings: Settings,
+    loaded: loading.LoadedModel,
+    model_map: architectures.ModelMap,
+    directions: Directions,
+    results: list[TrialResult],
+    front: list[TrialResult],
+    chosen: TrialResult,
+    held_out: dict[int, export.HeldOutScores],
+    output_dir: Path,
+    console: Console,
+) -> None:
+    assert chosen.parameters is not None
+    if (
+        not settings.yes
+        and console.interactive
+        and not console.confirm(f"save trial {chosen.number} to {output_dir}?", True)
+    ):
+        return
+    held = held_out.get(chosen.number)
+    card = export.model_card(
+        base_model=loaded.model_id,
+        parameters=chosen.parameters,
+        trial_number=chosen.number,
+        scores=held,
+        hub_base_model=preflight.check_model_path(loaded.model_id) is None,
+    )
+    folder = export.save_merged(
+        loaded, model_map, directions, chosen.parameters, output_dir, card=card, overwrite=True
+    )
+    export.write_results(
+        folder / "results.json",
+        settings=settings.model_dump(mode="json"),
+        trials=results,
+        front=front,
+        chosen=chosen,
+        held_out=held,
+        extra={
+            "model_id": loaded.model_id,
+            "held_out_front": {k: v.to_dict() for k, v in held_out.items()},
+        },
+    )
+    files = report.write_report(
+        folder,
+        trials=results,
+        front=front,
+        chosen=chosen,
+        n_layers=model_map.n_layers,
+        direction_strength=directions.strength.tolist(),
+        held_out=held,
+    )
+    console.info(f"saved trial {chosen.number} to {folder} (report: {files.markdown})")
+    if settings.upload_repo:
+        url = export.upload_to_hub(folder, settings.upload_repo, private=settings.upload_private)
+        console.info(f"uploaded to {url}")

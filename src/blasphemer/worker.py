@@ -1,0 +1,108 @@
+"""``blasphemer worker``: join a study that ``blasphemer run`` started and run its trials."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+
+from blasphemer import preflight, stages
+from blasphemer.config import Settings
+from blasphemer.console import Console
+from blasphemer.errors import ConfigError, StorageError
+from blasphemer.optimization import (
+    SearchSpace,
+    count_trials,
+    create_or_load_study,
+    open_storage,
+    redact_url,
+)
+from blasphemer.optimization.study import FINGERPRINT_ATTR
+from blasphemer.workspace import (
+    ATTR_BUDGET,
+    ATTR_DIRECTIONS,
+    ATTR_SETTINGS,
+    build_scorers,
+    load_prompts,
+    read_metadata,
+    study_fingerprint,
+)
+
+WORKER_WAIT_S = 3600  # how long a worker waits for `run` to start its study
+WORKER_POLL_S = 2.0
+
+
+def work(settings: Settings, console: Console) -> int:
+    """``blasphemer worker``: join a study started by ``run`` and run trials until its budget."""
+    if settings.storage is None or settings.study_name is None:
+        raise ConfigError("a worker needs --storage URL and --study-name NAME of a running study")
+    shown = redact_url(settings.storage)
+    preflight.check_storage_url(settings.storage)
+    study = _await_study(open_storage(settings.storage), settings.study_name, shown, console)
+    stored, directions, budget = read_metadata(study, shown)
+    local = {k: v for k, v in settings.model_dump().items() if k in settings.model_fields_set}
+    joined = Settings(**{**stored, **local, "resume": True})
+    assert joined.model is not None
+    console.stage(1, 4, f"Loading {joined.model}")
+    loaded = stages.load_model(joined)
+    model_map = stages.map_model(joined, loaded, console)
+    console.stage(2, 4, "Loading prompt sets and measuring the original model")
+    prompts = load_prompts(joined, loaded.tokenizer)
+    batch = stages.batch_size(joined, loaded, prompts, console)
+    scorers = build_scorers(joined, loaded, prompts, batch)
+    console.stage(3, 4, f"Joining study {settings.study_name!r} in {shown}")
+    space = SearchSpace.build(model_map.n_layers, norm_preserving=joined.norm_preserving)
+    opened = create_or_load_study(
+        settings.storage,
+        settings.study_name,
+        seed=None,
+        fingerprint=study_fingerprint(joined, loaded, prompts),
+        resume=True,
+        n_startup_trials=joined.n_startup_trials,
+        heartbeat_interval=joined.heartbeat_interval,
+        grace_period=joined.grace_period,
+    )
+    console.stage(4, 4, f"Running trials until the study has {budget}")
+    stages.optimise(joined, opened.study, budget, model_map, directions, space, scorers, console)
+    counts = count_trials(opened.study)
+    console.info(f"study budget reached: {counts.complete} trials complete")
+    return 0
+
+
+def _await_study(
+    storage: optuna.storages.BaseStorage, name: str, shown: str, console: Console
+) -> optuna.Study:
+    """Study ``name`` once ``run`` has stored what workers need (settings, directions, budget).
+
+    A worker may start before ``run`` (all machines launched at once, or ``run`` still loading a
+    large model): it waits up to :data:`WORKER_WAIT_S`, saying once what it waits for. A study
+    of that name that Blasphemer did not make is refused at once.
+    """
+    deadline = time.monotonic() + WORKER_WAIT_S
+    said = False
+    while True:
+        try:
+            study: optuna.Study | None = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            study = None
+        if study is not None:
+            attrs = study.user_attrs
+            if all(key in attrs for key in (ATTR_SETTINGS, ATTR_DIRECTIONS, ATTR_BUDGET)):
+                return study
+            if FINGERPRINT_ATTR not in attrs and study.get_trials(deepcopy=False):
+                return study  # not ours: read_metadata says so in one line
+        if time.monotonic() >= deadline:
+            raise StorageError(
+                f"study {name!r} in {shown} was not started within {WORKER_WAIT_S // 60} "
+                "minutes; start it with `blasphemer run MODEL --storage URL --study-name NAME` "
+                "or check --study-name"
+            )
+        if not said:
+            others = [n for n in optuna.get_all_study_names(storage) if n != name]
+            there = f" (studies there now: {', '.join(others)})" if others else ""
+            console.info(
+                f"waiting for `blasphemer run` to start study {name!r} in {shown}{there}; "
+                f"up to {WORKER_WAIT_S // 60} minutes, Ctrl-C to stop"
+            )
+            said = True
+        time.sleep(WORKER_POLL_S)
