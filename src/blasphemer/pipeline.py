@@ -8,6 +8,7 @@ demo model with sample answers before and after.
 from __future__ import annotations
 
 import importlib.resources
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,40 +60,62 @@ def run(settings: Settings, console: Console) -> int:
     return 0
 
 
+class _Stopwatch:
+    """Seconds spent per stage, for ``results.json`` (benchmarks read them)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
+
+
 def _run(settings: Settings, console: Console) -> Outcome:
     assert settings.model is not None
+    clock = _Stopwatch()
     console.stage(1, STAGES, "Preflight")
     source = preflight.check_model_path(settings.model)
     target = stages.output_dir(settings, settings.model)
     stages.preflight_checks(settings, source, target, console)
 
+    clock.lap("preflight")
     console.stage(2, STAGES, f"Loading {settings.model}")
     loaded = stages.load_model(settings)
 
+    clock.lap("load")
     console.stage(3, STAGES, "Mapping layers and residual-stream writers")
     model_map = stages.map_model(settings, loaded, console)
 
+    clock.lap("map")
     console.stage(4, STAGES, "Loading and splitting prompt sets")
     prompts = load_prompts(settings, loaded.tokenizer)
     batch = stages.batch_size(settings, loaded, prompts, console)
 
+    clock.lap("prompts_and_batch_size")
     console.stage(5, STAGES, "Computing refusal directions (fit split)")
     directions = stages.compute_refusal_directions(
         settings, loaded, model_map, prompts, batch, console
     )
 
+    clock.lap("directions")
     console.stage(6, STAGES, "Measuring the original model (select split)")
     scorers = build_scorers(settings, loaded, prompts, batch)
     baseline = scorers.refusals.evaluate()
     console.info(f"original model refuses {baseline.rate:.1%} of the harmful select prompts")
 
+    clock.lap("baseline")
     console.stage(7, STAGES, "Opening the study")
     space = SearchSpace.build(model_map.n_layers, norm_preserving=settings.norm_preserving)
     study, budget = stages.open_study(settings, loaded, prompts, directions, space, console)
 
+    clock.lap("study")
     console.stage(8, STAGES, f"Optimising ({budget} trials in all)")
     stages.optimise(settings, study, budget, model_map, directions, space, scorers, console)
 
+    clock.lap("trials")
     console.stage(9, STAGES, "Pareto front and held-out numbers (report split)")
     results = completed_results(study, space)
     front = pareto_front(results)
@@ -100,6 +123,7 @@ def _run(settings: Settings, console: Console) -> Outcome:
         settings, loaded, model_map, directions, prompts, front, batch, console
     )
 
+    clock.lap("held_out")
     console.stage(10, STAGES, "Choosing and saving")
     chosen = stages.choose(settings, results, front, console)
     if chosen is None:
@@ -115,6 +139,7 @@ def _run(settings: Settings, console: Console) -> Outcome:
         held_out,
         target,
         console,
+        timings={**clock.laps, "batch_size": batch},
     )
     return Outcome(loaded, model_map, directions, prompts, chosen, target)
 

@@ -351,6 +351,7 @@ def save(
     held_out: dict[int, export.HeldOutScores],
     output_dir: Path,
     console: Console,
+    timings: dict[str, float] | None = None,
 ) -> None:
     assert chosen.parameters is not None
     if (
@@ -380,6 +381,7 @@ def save(
         extra={
             "model_id": loaded.model_id,
             "held_out_front": {k: v.to_dict() for k, v in held_out.items()},
+            "timings_s": dict(timings or {}),
         },
     )
     files = report.write_report(
