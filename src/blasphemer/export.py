@@ -328,6 +328,8 @@ def trial_to_dict(result: TrialResult) -> dict[str, Any]:
         "refusals": result.refusals,
         "n_prompts": result.n_prompts,
         "seconds": result.seconds,
+        # Scoring stopped once the trial was provably dominated: refusals are a lower bound.
+        "dominated_early": result.dominated_early,
         "extra": {k: _json_number(v) for k, v in result.extra.items()},
         "parameters": None if result.parameters is None else parameters_to_dict(result.parameters),
     }

@@ -101,6 +101,7 @@ class TrialResult:
     n_prompts: int | None = None
     seconds: float | None = None
     extra: Mapping[str, float] = field(default_factory=dict)
+    dominated_early: bool = False  # refusal scoring stopped early: ``refusals`` is a lower bound
 
     @property
     def refusal_rate(self) -> float:
@@ -133,6 +134,7 @@ class TrialResult:
             n_prompts=_optional_int(attrs.get(ATTR_N_PROMPTS)),
             seconds=_optional_float(attrs.get(ATTR_SECONDS)),
             extra={str(k): float(v) for k, v in dict(attrs.get(ATTR_EXTRA, {})).items()},
+            dominated_early=bool(attrs.get(ATTR_PARTIAL, False)),
         )
 
 
