@@ -147,6 +147,11 @@ class Settings(BaseSettings):
         False,
         description="Judge every search response on the full --max-new-tokens (no early stop).",
     )
+    prune_dominated: bool = Field(
+        True,
+        description="Stop scoring a trial once it provably cannot reach the Pareto front "
+        "(its refusals are then a lower bound).",
+    )
     kl_positions: int = Field(
         1,
         ge=1,

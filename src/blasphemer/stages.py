@@ -234,6 +234,7 @@ def optimise(
         kl_scorer=scorers.kl,
         extra_scorers=scorers.extra,
         on_trial_end=finished,
+        prune_dominated=settings.prune_dominated,
     )
     gate = BudgetGate(study)
     run_trials(

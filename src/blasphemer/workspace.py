@@ -119,6 +119,7 @@ def build_scorers(settings: Settings, loaded: LoadedModel, prompts: Prompts, bat
         max_new_tokens=settings.max_new_tokens,
         decided_after=decided_after,
         batch_size=batch,
+        stop_at_marker=True,  # a refusal marker decides the verdict: same verdicts, less work
     )
     kl = KLScorer(
         loaded, prompts.harmless.select, batch_size=batch, positions=settings.kl_positions
