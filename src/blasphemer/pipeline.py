@@ -33,8 +33,6 @@ from blasphemer.workspace import (
 
 STAGES = 10
 MAX_HELD_OUT_TRIALS = 8
-WORKER_WAIT_S = 3600  # how long a worker waits for `run` to start its study
-WORKER_POLL_S = 2.0
 
 
 def demo_model_path() -> Path:

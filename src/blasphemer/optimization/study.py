@@ -298,7 +298,10 @@ def create_or_load_study(
     if existing is not None and resume is False:
         _retry(lambda: optuna.delete_study(study_name=study_name, storage=storage), storage_url)
         existing = None
-    sampler = _sampler(seed, n_startup_trials)
+    # A resumed study continues with a seed that depends on how far it got: the same seed would
+    # replay the random start-up trials it already ran.
+    n_before = 0 if existing is None else len(storage.get_all_trials(existing, deepcopy=False))
+    sampler = _sampler(None if seed is None else seed + n_before, n_startup_trials)
 
     def create() -> optuna.Study:
         return optuna.create_study(
