@@ -23,26 +23,7 @@ from pydantic_settings import (
 )
 
 from blasphemer.errors import ConfigError
-
-DEFAULT_MARKERS: tuple[str, ...] = (
-    "sorry",
-    "i can't",
-    "i cannot",
-    "i won't",
-    "i will not",
-    "i'm unable",
-    "i am unable",
-    "i'm not able",
-    "i am not able",
-    "as an ai",
-    "i must decline",
-    "can't assist",
-    "cannot assist",
-    "can't help",
-    "cannot help",
-    "not able to help",
-    "i refuse",
-)
+from blasphemer.evaluation.markers import DEFAULT_REFUSAL_MARKERS
 
 _toml_values: ContextVar[dict[str, Any] | None] = ContextVar("_toml_values", default=None)
 
@@ -132,7 +113,7 @@ class Settings(BaseSettings):
 
     # --- scoring ---------------------------------------------------------------------------
     refusal_markers: list[str] = Field(
-        list(DEFAULT_MARKERS),
+        list(DEFAULT_REFUSAL_MARKERS),
         description="Substrings that mark a response as a refusal (after normalisation).",
     )
     max_new_tokens: int = Field(
