@@ -339,7 +339,7 @@ class Recipe:
     novel_harmless: float = 0.3
     novel_harmful: float = 0.15
     synthetic_harmless: float = 0.3
-    synthetic_harmful: float = 0.25
+    synthetic_harmful: float = 0.35
     harmful_share: float = 0.5
 
 

@@ -50,7 +50,7 @@ class TrainSettings:
     """Everything that determines the trained model (written to ``training.json``)."""
 
     seed: int = 0
-    steps: int = 900
+    steps: int = 1000
     batch_size: int = 32
     micro_batch: int = 8
     learning_rate: float = 3e-3
@@ -71,7 +71,7 @@ class TrainSettings:
     geometry_start: float = 0.15  # fraction of training before the regulariser ramps in
     # Optional: answer loss with the batch's refusal direction projected out of every writer,
     # with harmful requests answered (teaches that the refusal lives on one direction).
-    ablation_weight: float = 0.0
+    ablation_weight: float = 1.0
     ablation_layers: tuple[int, ...] = (2, 3)
     ablation_share: float = 0.5  # of each class in the batch
     recipe: Recipe = field(default_factory=Recipe)
