@@ -1,0 +1,354 @@
+"""Blasphemer against Heretic on one model, one machine, in one invocation.
+
+    python bench/vs_heretic.py --trials 50           # the bundled demo model, 2 repeats
+    python bench/vs_heretic.py --quick               # smoke run: 3 trials, few prompts
+    python bench/vs_heretic.py --model DIR --repeats 3 --skip-install
+
+Both tools get the same model, the same prompt files (our bundled fit and select splits,
+exported as text files), the same trial budget, number of evaluation prompts, response length,
+thread count, seed and system prompt, and by default the same number of random start-up trials
+and the same refusal markers. Each tool runs ``--repeats`` times, interleaved (the order rotates
+every repeat); medians are reported. Blasphemer runs in both modes: early stop (its default) and
+``--exact-verdicts``. Then the Pareto-front models of every tool's first repeat are saved
+(Heretic's through its own menu, Blasphemer's with its own exporter) and all of them are scored by
+one evaluator, Blasphemer's, on the held-out *report* split. Writes
+``bench/results/<date>-vs-heretic.json`` and ``.md`` and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import blasphemer_runner
+import heretic_driver
+from bench_common import BenchError, child_env, fmt, pareto_front, run_timed, spread
+from vs_heretic_report import (
+    TOOLS,
+    aggregate,
+    front_rows,
+    markdown,
+    quality,
+    run_summary,
+    trial_dicts,
+)
+
+BENCH = Path(__file__).resolve().parent
+DEMO_MODEL = BENCH.parent / "src" / "blasphemer" / "data" / "demo-model"
+TOOLS_SCRIPT = BENCH / "blasphemer_tools.py"
+PRESETS = {  # option: (full run, --quick)
+    "trials": (50, 3),
+    "repeats": (2, 1),
+    "n_eval": (100, 20),
+    "n_fit": (400, 64),
+    "n_report": (200, 40),
+    "max_new_tokens": (100, 32),
+    "max_front": (8, 3),
+}
+STARTUP_FRACTION = 0.3  # Heretic's shipped ratio: 60 random trials of 200
+
+
+def log(message: str) -> None:
+    print(f"[vs-heretic {datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--model", default=str(DEMO_MODEL), help="model folder (default: the bundled demo model)")
+    add("--trials", type=int, help="trial budget of every run (default 50; --quick 3)")
+    add("--repeats", type=int, help="runs per tool, interleaved (default 2; --quick 1)")
+    add("--quick", action="store_true", help="smoke run: 3 trials, few prompts, one repeat")
+    add("--skip-install", action="store_true", help="never pip-install Heretic; fail if missing")
+    add("--threads", type=int, default=1, help="threads of every model process (default 1)")
+    add("--n-eval", type=int, help="harmful and harmless prompts scored per trial (default 100)")
+    add("--n-fit", type=int, help="prompts per set for the directions (default 400)")
+    add("--n-report", type=int, help="report-split prompts per set for final scores (default 200)")
+    add("--max-new-tokens", type=int, help="response length of both tools (default 100)")
+    add(
+        "--system-prompt",
+        default="You are a helpful assistant.",
+        help="system prompt of every prompt, for both tools (Heretic always sends one)",
+    )
+    add("--seed", type=int, default=0, help="optimiser seed of both tools")
+    add(
+        "--startup-trials",
+        default="scaled",
+        help="random trials before TPE for both tools: a number, 'scaled' (30%% of --trials, "
+        "Heretic's ratio; the default) or 'tool-defaults' (Heretic 60, Blasphemer 20)",
+    )
+    add(
+        "--heretic-markers",
+        choices=("ours", "heretic"),
+        default="ours",
+        help="refusal markers Heretic optimises against (default: Blasphemer's, the evaluator's)",
+    )
+    add("--batch-size", type=int, help="one batch size for both tools (default: each measures)")
+    add("--modes", default="early,exact", help="Blasphemer modes: early, exact or early,exact")
+    add("--max-front", type=int, help="front models scored per tool (default 8)")
+    add(
+        "--refusal-threshold",
+        type=float,
+        default=0.1,
+        help="refusal rate under which the lowest report KL is compared (default 0.1)",
+    )
+    add("--timeout", type=float, default=4 * 3600, help="seconds one run may take")
+    add("--workdir", type=Path, help="scratch folder (default bench/work/vs-heretic-<time>)")
+    add("--results-dir", type=Path, default=BENCH / "results")
+    add("--heretic-venv", type=Path, default=BENCH / ".venv-heretic")
+    args = parser.parse_args(argv)
+    for key, (full, quick) in PRESETS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(args.modes) - {"early", "exact"}:
+        parser.error(f"unknown --modes {sorted(unknown)}; use early, exact or early,exact")
+    if min(args.trials, args.repeats, args.n_eval, args.n_fit, args.n_report) < 1:
+        parser.error("--trials, --repeats and the prompt counts must be at least 1")
+    return args
+
+
+def startup_trials(spec: str, trials: int) -> tuple[int | None, str]:
+    """Random start-up trials for both tools (None: each tool's default) and a note on them."""
+    if spec == "tool-defaults":
+        return None, "random start-up trials: each tool's default (Heretic 60, Blasphemer 20)"
+    if spec == "scaled":
+        count = max(1, round(STARTUP_FRACTION * trials))
+        return count, f"{count} random start-up trials for both (30% of the budget, as Heretic)"
+    if spec.isdigit():
+        return int(spec), f"{spec} random start-up trials for both"
+    raise BenchError(f"--startup-trials {spec!r}: use a number, 'scaled' or 'tool-defaults'")
+
+
+def export_prompts(args: argparse.Namespace, model: Path, workdir: Path) -> tuple[Path, list[str]]:
+    """Write the fit and select prompts Blasphemer uses as Heretic's .txt files; their markers."""
+    folder = workdir / "prompts"
+    command = [
+        sys.executable, str(TOOLS_SCRIPT), "export-prompts", "--model", str(model),
+        "--out", str(folder), "--n-fit", str(args.n_fit), "--n-select", str(args.n_eval),
+        "--n-report", str(args.n_report), "--max-new-tokens", str(args.max_new_tokens),
+        "--system-prompt", args.system_prompt,
+    ]  # fmt: skip
+    done = run_timed(
+        command, cwd=workdir, env=child_env(args.threads), log_path=workdir / "export-prompts.log"
+    )
+    if done.returncode != 0:
+        raise BenchError(f"exporting the prompt files failed:\n{done.tail()}")
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    return folder, manifest["refusal_markers"]
+
+
+def run_tool(
+    tool: str, repeat: int, args: argparse.Namespace, where: Path, plans: dict[str, Any]
+) -> tuple[dict[str, Any], Any]:
+    """One run of one tool; returns its summary and the tool's own run record."""
+    if tool != "heretic":
+        done: Any = blasphemer_runner.run_blasphemer(
+            plans["blasphemer_exe"], plans[tool], where, threads=args.threads, timeout=args.timeout
+        )
+        batch = blasphemer_runner.batch_size_from(done.process.lines)
+        phases = blasphemer_runner.SUMMARY_PHASES
+        summary = run_summary(tool, repeat, done.process, phases, trial_dicts(done.trials), batch)
+        summary["recorded_timings"] = blasphemer_runner.recorded_timings(done.results_json)
+        return summary, done
+
+    saves = args.max_front if repeat == 1 else 1  # later repeats save one, for the total time
+
+    def plan(trials: list[Any]) -> dict[int, Path]:
+        points = {t["key"]: (t["refusals"], t["kl"]) for t in trial_dicts(trials)}
+        return {i: where / "saved" / f"trial-{i}" for i in spread(pareto_front(points), saves)}
+
+    done = heretic_driver.run_heretic(
+        plans["heretic_exe"],
+        plans["heretic"],
+        where,
+        plan_saves=plan,
+        threads=args.threads,
+        timeout=args.timeout,
+    )
+    batch = heretic_driver.batch_size_from(done.process.lines)
+    phases = heretic_driver.SUMMARY_PHASES
+    summary = run_summary(tool, repeat, done.process, phases, trial_dicts(done.trials), batch)
+    summary["saved"] = {str(k): str(v) for k, v in done.saved.items()}
+    summary["missing_from_menu"] = done.missing
+    return summary, done
+
+
+def score_fronts(
+    args: argparse.Namespace, model: Path, workdir: Path, first: dict[str, Any]
+) -> dict[str, Any]:
+    """Save Blasphemer's front trials, then score every saved front model on the report split."""
+    job: dict[str, Any] = {
+        "base": str(model),
+        "system_prompt": args.system_prompt,
+        "n_report_prompts": args.n_report,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "split_seed": 0,
+        "exports": [],
+        "models": {},
+    }
+    for tool, (summary, done) in first.items():
+        if tool == "heretic":
+            job["models"].update({f"heretic:{i}": str(f) for i, f in done.saved.items()})
+            continue
+        chosen = spread(summary["front"], args.max_front)
+        folders = {str(n): str(done.output_dir.parent / "front" / f"trial-{n}") for n in chosen}
+        job["exports"].append(
+            {
+                "study_db": str(done.study_db),
+                "results_json": str(done.results_json),
+                "trials": folders,
+            }
+        )
+        job["models"].update({f"{tool}:{n}": folder for n, folder in folders.items()})
+    job_path, out = workdir / "score-job.json", workdir / "scores.json"
+    job_path.write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+    log(f"scoring {len(job['models'])} front models on the report split ...")
+    done = run_timed(
+        [sys.executable, str(TOOLS_SCRIPT), "score", "--job", str(job_path), "--out", str(out)],
+        cwd=workdir,
+        env=child_env(args.threads),
+        log_path=workdir / "score.log",
+        timeout=args.timeout,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"scoring failed; see {done.log_path}\n{done.tail()}")
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def machine() -> str:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{platform.machine()}, {cpus} CPUs available, {platform.platform()}"
+
+
+def benchmark(args: argparse.Namespace) -> Path:
+    """Run everything; returns the path of the results JSON."""
+    model = Path(args.model).resolve()
+    if not (model / "config.json").is_file():
+        raise BenchError(f"{model} is not a model folder (no config.json); pass --model DIR")
+    startup, startup_note = startup_trials(args.startup_trials, args.trials)
+    plans: dict[str, Any] = {
+        "heretic_exe": heretic_driver.ensure_installed(
+            args.heretic_venv, skip_install=args.skip_install, log=log
+        ),
+        "blasphemer_exe": blasphemer_runner.executable(),
+    }
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = (args.workdir or BENCH / "work" / f"vs-heretic-{stamp}").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log(f"working in {workdir}")
+    prompts, markers = export_prompts(args, model, workdir)
+    plans["heretic"] = heretic_driver.HereticConfig(
+        model=str(model),
+        good_fit=prompts / "good_fit.txt",
+        bad_fit=prompts / "bad_fit.txt",
+        good_eval=prompts / "good_eval.txt",
+        bad_eval=prompts / "bad_eval.txt",
+        n_trials=args.trials,
+        seed=args.seed,
+        max_response_length=args.max_new_tokens,
+        system_prompt=args.system_prompt,
+        n_startup_trials=startup,
+        refusal_markers=tuple(markers) if args.heretic_markers == "ours" else None,
+        batch_size=args.batch_size or 0,
+    )
+    for mode in args.modes:
+        plans[mode] = blasphemer_runner.BlasphemerOptions(
+            model=str(model),
+            n_trials=args.trials,
+            n_select_prompts=args.n_eval,
+            n_fit_prompts=args.n_fit,
+            n_report_prompts=args.n_report,
+            max_new_tokens=args.max_new_tokens,
+            system_prompt=args.system_prompt,
+            seed=args.seed,
+            exact_verdicts=mode == "exact",
+            n_startup_trials=startup,
+            batch_size=args.batch_size,
+        )
+
+    order = ["heretic", *args.modes]
+    runs: list[dict[str, Any]] = []
+    first: dict[str, Any] = {}
+    for repeat in range(1, args.repeats + 1):
+        shift = (repeat - 1) % len(order)
+        for tool in order[shift:] + order[:shift]:
+            log(f"repeat {repeat}/{args.repeats}: {TOOLS[tool]} ...")
+            summary, done = run_tool(tool, repeat, args, workdir / f"{tool}-r{repeat}", plans)
+            runs.append(summary)
+            first.setdefault(tool, (summary, done))
+            log(
+                f"  {summary['n_trials']} trials, {fmt(summary['mean_trial_s'])} s per trial, "
+                f"directions {fmt(summary['directions_s'])} s, "
+                f"peak {fmt(summary['peak_rss_mib'], 0)} MiB"
+            )
+
+    scores = score_fronts(args, model, workdir, first)
+    fronts = {
+        tool: front_rows(summary, scores["models"], tool) for tool, (summary, _) in first.items()
+    }
+    result = {
+        "setup": {
+            "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "model": str(model),
+            **{key: getattr(args, key) for key in PRESETS},
+            "threads": args.threads,
+            "seed": args.seed,
+            "system_prompt": args.system_prompt,
+            "n_startup_trials": startup,
+            "startup_note": startup_note,
+            "heretic_markers": {"ours": "Blasphemer's for both", "heretic": "each tool its own"}[
+                args.heretic_markers
+            ],
+            "batch_size": args.batch_size,
+            "modes": args.modes,
+            "refusal_threshold": args.refusal_threshold,
+            "heretic_version": heretic_driver.HERETIC_VERSION,
+            "machine": machine(),
+            "quick": args.quick,
+            "workdir": str(workdir),
+        },
+        "summary": aggregate(runs),
+        "quality": {tool: quality(rows, args.refusal_threshold) for tool, rows in fronts.items()},
+        "fronts": fronts,
+        "scores": scores,
+        "runs": runs,
+    }
+    return write_results(args, result)
+
+
+def write_results(args: argparse.Namespace, result: dict[str, Any]) -> Path:
+    """Write the JSON and the Markdown beside it (never over an earlier result) and print it."""
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{datetime.now():%Y-%m-%d}-vs-heretic{'-quick' if args.quick else ''}"
+    if (args.results_dir / f"{name}.json").exists():
+        name += f"-{datetime.now():%H%M%S}"
+    text = markdown(result)
+    path = args.results_dir / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    path.with_suffix(".md").write_text(text, encoding="utf-8")
+    print()
+    print(text)
+    log(f"wrote {path} and {path.with_suffix('.md').name}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        benchmark(args)
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
