@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from blasphemer.architectures.base import ComponentKind, Layout, ModelMap, Writer
+from blasphemer.architectures.base import ComponentKind
 from blasphemer.editing import apply_ablation
 from blasphemer.errors import ConfigError
 from blasphemer.evaluation import (
@@ -30,6 +30,7 @@ from blasphemer.evaluation import (
     wilson_interval,
 )
 from blasphemer.evaluation.markers import has_content
+from tiny_models import llama_map_by_hand
 
 VOCAB = ["<pad>", "<s>", "</s>", "<a>", "<think>", "</think>", *(f"w{i}" for i in range(90))]
 ASSISTANT, THINK, END_THINK = 3, 4, 5
@@ -76,34 +77,8 @@ def make_texts(n: int, seed: int = 2) -> list[str]:
     ]
 
 
-def model_map(model: LlamaForCausalLM) -> ModelMap:
-    layers = list(model.model.layers)
-    writers = [
-        [
-            Writer(
-                ComponentKind.ATTENTION,
-                f"model.layers.{i}.self_attn.o_proj",
-                layer.self_attn.o_proj,
-                layer.self_attn.o_proj.weight,
-                None,
-                Layout.OUT_IN,
-            ),
-            Writer(
-                ComponentKind.MLP,
-                f"model.layers.{i}.mlp.down_proj",
-                layer.mlp.down_proj,
-                layer.mlp.down_proj.weight,
-                None,
-                Layout.OUT_IN,
-            ),
-        ]
-        for i, layer in enumerate(layers)
-    ]
-    return ModelMap("llama", "model.layers", layers, writers, model.config.hidden_size)
-
-
 def ablate(model: LlamaForCausalLM, strength: float = 1.0):
-    mapping = model_map(model)
+    mapping = llama_map_by_hand(model)
     directions = torch.nn.functional.normalize(
         torch.randn(
             mapping.n_layers, mapping.hidden_size, generator=torch.Generator().manual_seed(7)
@@ -385,6 +360,7 @@ def test_kl_cache_device_and_argument_checks() -> None:
 
 USER_FILE = """
 from blasphemer.evaluation import BaseScorer
+from tiny_models import llama_map_by_hand
 
 
 class PromptCount(BaseScorer):

@@ -8,11 +8,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from blasphemer.architectures import resolve
-from blasphemer.architectures.base import ComponentKind, Layout, ModelMap, Writer
 from blasphemer.errors import DatasetError
 from blasphemer.loading import LoadedModel
 from blasphemer.residuals import Residuals, mean_residuals, record_last_token
-from tiny_models import TINY, build_tiny
+from tiny_models import TINY, build_tiny, llama_map_by_hand
 
 TEXTS = [
     "how do i bake bread",
@@ -44,35 +43,6 @@ def _loaded(model: PreTrainedModel) -> LoadedModel:
     return LoadedModel(model, _tokenizer(), "tiny", None, torch.float32)
 
 
-def _llama_map(model: PreTrainedModel) -> ModelMap:
-    """Built by hand (not through the registry): layers and their two writers."""
-    layers = list(model.model.layers)
-    writers = [
-        [
-            Writer(
-                ComponentKind.ATTENTION,
-                f"model.layers.{i}.self_attn.o_proj",
-                layer.self_attn.o_proj,
-                layer.self_attn.o_proj.weight,
-                None,
-                Layout.OUT_IN,
-            ),
-            Writer(
-                ComponentKind.MLP,
-                f"model.layers.{i}.mlp.down_proj",
-                layer.mlp.down_proj,
-                layer.mlp.down_proj.weight,
-                None,
-                Layout.OUT_IN,
-            ),
-        ]
-        for i, layer in enumerate(layers)
-    ]
-    return ModelMap(
-        "llama", "model.layers", layers, writers, model.config.hidden_size, model.model.embed_tokens
-    )
-
-
 @pytest.fixture(scope="module")
 def llama() -> PreTrainedModel:
     return build_tiny("llama")
@@ -85,7 +55,7 @@ def _all_hooks(model: torch.nn.Module) -> int:
 
 
 def test_hooks_are_removed_when_the_body_raises(llama: PreTrainedModel) -> None:
-    model_map = _llama_map(llama)
+    model_map = llama_map_by_hand(llama)
     assert _all_hooks(llama) == 0
     with pytest.raises(RuntimeError, match="boom"), record_last_token(model_map):
         assert _all_hooks(llama) == model_map.n_layers + 1
@@ -97,7 +67,7 @@ def test_hooks_are_removed_when_the_body_raises(llama: PreTrainedModel) -> None:
 
 
 def test_hooks_are_removed_when_the_forward_pass_raises(llama: PreTrainedModel) -> None:
-    model_map = _llama_map(llama)
+    model_map = llama_map_by_hand(llama)
     with pytest.raises(IndexError), record_last_token(model_map):
         llama(input_ids=torch.tensor([[1000]]))  # out of the vocabulary
     assert _all_hooks(llama) == 0
@@ -119,7 +89,7 @@ def _reference_hidden_states(model: PreTrainedModel, ids: torch.Tensor) -> torch
 
 
 def test_record_last_token_matches_output_hidden_states(llama: PreTrainedModel) -> None:
-    model_map = _llama_map(llama)
+    model_map = llama_map_by_hand(llama)
     tokenizer = _tokenizer()
     texts = ["how do i bake bread", "why"]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -145,7 +115,7 @@ def _direct_means(model: PreTrainedModel, texts: list[str]) -> torch.Tensor:
 
 def test_mean_residuals_equals_direct_computation(llama: PreTrainedModel) -> None:
     loaded = _loaded(llama)
-    model_map = _llama_map(llama)
+    model_map = llama_map_by_hand(llama)
     expected = _direct_means(llama, TEXTS)
     seen: list[int] = []
     one = mean_residuals(loaded, model_map, TEXTS, batch_size=1)
@@ -162,7 +132,7 @@ def test_mean_residuals_equals_direct_computation(llama: PreTrainedModel) -> Non
 
 def test_mean_residuals_does_not_depend_on_order(llama: PreTrainedModel) -> None:
     loaded = _loaded(llama)
-    model_map = _llama_map(llama)
+    model_map = llama_map_by_hand(llama)
     forward = mean_residuals(loaded, model_map, TEXTS, batch_size=2)
     backward = mean_residuals(loaded, model_map, TEXTS[::-1], batch_size=2)
     torch.testing.assert_close(forward.means, backward.means, rtol=1e-6, atol=1e-6)
@@ -177,7 +147,7 @@ def test_add_special_tokens_is_honoured(llama: PreTrainedModel) -> None:
         single="<s> $A", special_tokens=[("<s>", 1)]
     )
     loaded = LoadedModel(llama, tokenizer, "tiny", None, torch.float32)
-    model_map = _llama_map(llama)
+    model_map = llama_map_by_hand(llama)
     plain = mean_residuals(loaded, model_map, ["why"], batch_size=1)
     with_bos = mean_residuals(loaded, model_map, ["why"], batch_size=1, add_special_tokens=True)
     torch.testing.assert_close(plain.means, _direct_means(llama, ["why"]))
@@ -186,7 +156,7 @@ def test_add_special_tokens_is_honoured(llama: PreTrainedModel) -> None:
 
 def test_mean_residuals_rejects_empty_input(llama: PreTrainedModel) -> None:
     loaded = _loaded(llama)
-    model_map = _llama_map(llama)
+    model_map = llama_map_by_hand(llama)
     with pytest.raises(DatasetError):
         mean_residuals(loaded, model_map, [], batch_size=2)
     with pytest.raises(DatasetError):

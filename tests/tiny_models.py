@@ -42,6 +42,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from blasphemer.architectures.base import ComponentKind, Layout, ModelMap, Writer
+
 HIDDEN = 32
 VOCAB = 96
 SEED = 1234
@@ -244,3 +246,33 @@ def input_ids(batch: int = 2, length: int = 6, seed: int = 0) -> torch.Tensor:
     """Random token ids from the ordinary vocabulary (no special or image tokens)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def llama_map_by_hand(model: Any) -> ModelMap:
+    """A Llama's layers and its two writers per layer, built without the registry, so tests of
+    residuals, editing and evaluation do not depend on ``architectures.resolve``."""
+    layers = list(model.model.layers)
+    writers = [
+        [
+            Writer(
+                ComponentKind.ATTENTION,
+                f"model.layers.{i}.self_attn.o_proj",
+                layer.self_attn.o_proj,
+                layer.self_attn.o_proj.weight,
+                None,
+                Layout.OUT_IN,
+            ),
+            Writer(
+                ComponentKind.MLP,
+                f"model.layers.{i}.mlp.down_proj",
+                layer.mlp.down_proj,
+                layer.mlp.down_proj.weight,
+                None,
+                Layout.OUT_IN,
+            ),
+        ]
+        for i, layer in enumerate(layers)
+    ]
+    return ModelMap(
+        "llama", "model.layers", layers, writers, model.config.hidden_size, model.model.embed_tokens
+    )
