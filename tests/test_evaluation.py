@@ -360,7 +360,6 @@ def test_kl_cache_device_and_argument_checks() -> None:
 
 USER_FILE = """
 from blasphemer.evaluation import BaseScorer
-from tiny_models import llama_map_by_hand
 
 
 class PromptCount(BaseScorer):
