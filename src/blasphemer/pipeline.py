@@ -19,6 +19,7 @@ from blasphemer.config import Settings
 from blasphemer.console import Console
 from blasphemer.directions import Directions
 from blasphemer.editing import apply_ablation
+from blasphemer.evaluation.markers import is_refusal
 from blasphemer.optimization import (
     SearchSpace,
     TrialResult,
@@ -162,12 +163,17 @@ def demo(settings: Settings, console: Console) -> int:
     return 0
 
 
-def _samples(outcome: Outcome, console: Console, count: int = 2) -> None:
+def _samples(outcome: Outcome, console: Console, count: int = 2, pool: int = 8) -> None:
+    """Answers before and after to ``count`` held-out harmful prompts the original refuses.
+
+    The first ``pool`` report prompts are tried; refused ones are shown first, so that the
+    samples show what the edit changed (falling back to the first prompts if few are refused).
+    """
     parameters = outcome.chosen.parameters  # type: ignore[union-attr]
     assert parameters is not None
     tokenizer = outcome.loaded.tokenizer
-    texts = outcome.prompts.harmful.report[:count]
-    requests = outcome.prompts.harmful.report_prompts[:count]
+    texts = outcome.prompts.harmful.report[:pool]
+    requests = outcome.prompts.harmful.report_prompts[:pool]
 
     def answers() -> list[str]:
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -179,6 +185,9 @@ def _samples(outcome: Outcome, console: Console, count: int = 2) -> None:
         return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     before = answers()
+    order = sorted(range(len(texts)), key=lambda i: not is_refusal(before[i]))[:count]
+    texts, requests = [texts[i] for i in order], [requests[i] for i in order]
+    before = [before[i] for i in order]
     with apply_ablation(
         outcome.model_map,
         outcome.directions.for_layers(parameters.direction_index),
