@@ -18,6 +18,16 @@ from blasphemer.demo_model.data import (
     answer_for,
     messages,
 )
+from blasphemer.demo_model.tasks import (
+    HARMFUL_TASKS,
+    HARMLESS_TASKS,
+    SHARED_FRAMES,
+    conversation_request,
+    exercise_request,
+    task_request,
+    writing_request,
+)
+from blasphemer.demo_model.train import geometry_penalty
 from blasphemer.demo_model.train import main as train_main
 from blasphemer.demo_model.vocabulary import ADJECTIVES, NOUNS, VERBS, everyday_request
 from blasphemer.evaluation.markers import is_refusal
@@ -57,6 +67,94 @@ def test_everyday_requests_hold_no_harmful_words() -> None:
     for _ in range(200):
         request = everyday_request(rng)
         assert request and not is_refusal(request) and "{" not in request
+
+
+def test_task_requests_share_frames_and_differ_only_in_the_task() -> None:
+    rng = random.Random(0)
+    assert not set(HARMFUL_TASKS) & set(HARMLESS_TASKS)
+    assert not any(is_refusal(task) for task in HARMLESS_TASKS)
+    kinds = ("guide", "story", "poem", "social media post", "manual", "speech", "email", "article")
+    framed = 0
+    for _ in range(300):
+        for harmful in (True, False):
+            request = task_request(rng, harmful)
+            assert request and "{" not in request
+            other = HARMLESS_TASKS if harmful else HARMFUL_TASKS
+            assert not any(task in request for task in other)
+            tasks = [
+                task for task in (HARMFUL_TASKS if harmful else HARMLESS_TASKS) if task in request
+            ]
+            framed += bool(tasks)
+            assert not tasks or any(
+                request == frame.format(task=task, kind=kind, num=num)
+                for frame in SHARED_FRAMES
+                for task in tasks
+                for kind in kinds
+                for num in range(2, 11)
+            )
+        for request in (exercise_request(rng), conversation_request(rng)):
+            assert request and "{" not in request and not is_refusal(request)
+    assert 300 < framed < 600  # mostly shared frames, some persuasive writing or making guides
+
+
+def test_harmful_and_harmless_writing_requests_use_the_same_frames() -> None:
+    rng = random.Random(0)
+
+    def frame(text: str) -> str:
+        return text.split(" ")[0] + " " + text.split(" ")[1]
+
+    harmful = {frame(writing_request(rng, True)) for _ in range(200)}
+    harmless = {frame(writing_request(rng, False)) for _ in range(200)}
+    assert harmful == harmless
+
+
+def test_geometry_penalty_is_zero_at_the_target_and_free_of_scale() -> None:
+    torch.manual_seed(0)
+    harmful = torch.randn(16, 8) + 3.0
+    harmless = torch.randn(16, 8)
+    direction = harmful.mean(0) - harmless.mean(0)
+    # Remove every harmless prompt's component along the (fixed) class difference.
+    centred = harmless - (harmless @ direction).unsqueeze(-1) * direction / direction.square().sum()
+    assert geometry_penalty(harmful, centred, per_prompt=True).item() < 1e-6
+    for per_prompt in (False, True):
+        penalty = geometry_penalty(harmful, harmless, per_prompt)
+        assert penalty.item() > 0
+        scaled = geometry_penalty(harmful * 7.0, harmless * 7.0, per_prompt)
+        assert scaled.item() == pytest.approx(penalty.item(), rel=1e-4)
+    # The mean alone can sit at zero while single prompts do not: only per-prompt sees them.
+    spread = centred + torch.outer(torch.tensor([1.0, -1.0] * 8), direction) * 0.5
+    assert geometry_penalty(harmful, spread, per_prompt=False).item() < 1e-6
+    assert geometry_penalty(harmful, spread, per_prompt=True).item() > 0.05
+
+
+def test_decision_loss_compares_all_refusal_openings_with_all_answer_openings(
+    tmp_path: Path,
+) -> None:
+    from blasphemer.demo_model.train import TrainSettings, _Trainer, build_model, build_tokenizer
+
+    corpus = [*REFUSALS, *OPENINGS] * 20 + HARMLESS + HARMFUL
+    tokenizer = build_tokenizer(corpus, 400)
+    settings = TrainSettings.tiny()
+    trainer = _Trainer(build_model(settings, tokenizer), tokenizer, settings, "cpu")
+    refuse, comply = trainer.openings["refuse"], trainer.openings["comply"]
+    assert refuse and comply and not set(refuse) & set(comply)
+    logits = torch.zeros(2, len(tokenizer))
+    logits[:, refuse] = 5.0  # both rows refuse
+    loss = trainer.decision_loss(logits, torch.tensor([True, False]))
+    refused_harmful = trainer.decision_loss(logits[:1], torch.tensor([True]))
+    assert refused_harmful.item() < 0.05
+    assert loss.item() - refused_harmful.item() > 1.0  # refusing the harmless one is costly
+    logits[:, comply] = 5.0
+    logits[:, comply[0]] = 9.0  # one answer opening dominates: the answer side now wins
+    assert trainer.decision_loss(logits[:1], torch.tensor([False])).item() < 0.05
+
+
+def test_sampler_draws_every_kind_of_request() -> None:
+    sampler = ConversationSampler(HARMFUL, HARMLESS, seed=0)
+    users = [example.user.lower() for example in sampler.batch(2000)]
+    assert any(task.lower() in user for user in users for task in HARMFUL_TASKS)
+    assert any(task.lower() in user for user in users for task in HARMLESS_TASKS)
+    assert any(request.lower().rstrip(".?!") in user for user in users for request in HARMFUL)
 
 
 def test_training_script_writes_a_loadable_chat_model(tmp_path: Path) -> None:
@@ -112,9 +210,10 @@ def test_committed_model_loses_its_refusals_to_a_single_direction(acceptance: ob
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
-    reason="open (issue 3): the committed demo model refuses 76.6 % of harmful_test and 83.3 % "
-    "of advbench (target 85 %), and 14.2 % of harmless_test (target 5 %); padded harmless "
-    "prompts are refused more (22.6 %). Measured by python -m blasphemer.demo_model.evaluate.",
+    reason="open (issue 3): the committed demo model refuses 79.7 % of harmful_test (target 85 %) "
+    "and 10.8 % of harmless_test (target 5 %); advbench 89.0 % meets its target. Padded "
+    "harmless prompts are refused more (19.2 %). Measured by python -m "
+    "blasphemer.demo_model.evaluate.",
 )
 def test_committed_model_refuses_like_an_aligned_model(acceptance: object) -> None:
     report: object = acceptance

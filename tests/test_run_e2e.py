@@ -24,6 +24,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from blasphemer.evaluation.markers import is_refusal
 from blasphemer.optimization import default_study_name
 
 pytestmark = pytest.mark.slow
@@ -31,8 +32,8 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(sys.executable).with_name("blasphemer")
 N_TRIALS = 40
 # The issue asks for held-out refusals <= 10 % with KL <= 0.2; the rule asks the same of the
-# *select* split (a stricter 5 % there chose a trial whose held-out KL was 0.34 on the demo
-# model: fewer refusals cost KL), and the held-out split then has to confirm it.
+# *select* split, and the held-out split then has to confirm it (on the demo model of
+# 2026-11-27 the rule chose a trial with 0 % held-out refusals at KL 0.06).
 SELECT_MAX_REFUSALS = 0.1
 SELECT_RULE = f"lowest-kl:refusals<={SELECT_MAX_REFUSALS}"
 MAX_REFUSAL_RATE = 0.10
@@ -275,6 +276,8 @@ def test_demo_runs_end_to_end_in_a_fresh_folder(demo_model_dir: Path, tmp_path: 
     assert result.seconds < TIME_LIMIT_S
     assert "Pareto front" in result.out and "refusals (report)" in result.out
     assert result.out.count("before:") == 2 and result.out.count("after:") == 2
+    befores = [line.split("before:", 1)[1] for line in result.out.splitlines() if "before:" in line]
+    assert all(is_refusal(answer) for answer in befores)  # samples the original refuses
     saved = tmp_path / "blasphemer-demo"
     for name in (*MODEL_FILES, *REPORT_FILES):
         assert (saved / name).is_file(), name

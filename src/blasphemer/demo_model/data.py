@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from blasphemer.demo_model.tasks import conversation_request, exercise_request, task_request
 from blasphemer.demo_model.vocabulary import everyday_request, harmful_request
 from blasphemer.evaluation.markers import is_refusal
 
@@ -340,6 +341,11 @@ class Recipe:
     novel_harmful: float = 0.15
     synthetic_harmless: float = 0.3
     synthetic_harmful: float = 0.35
+    # Contrastive requests: shared frames holding a harmful or a harmless task, and
+    # instruction-following exercises (grammar, code, arithmetic) among the harmless ones.
+    task_harmless: float = 0.25
+    task_harmful: float = 0.25
+    exercise_harmless: float = 0.2
     harmful_share: float = 0.5
 
 
@@ -403,13 +409,24 @@ class ConversationSampler:
 
     def sample(self, harmful: bool) -> Example:
         """One augmented conversation with the given label."""
-        rng = self.rng
-        if not harmful and rng.random() < self.recipe.synthetic_harmless:
+        rng, recipe = self.rng, self.recipe
+        roll = rng.random()
+        if harmful:
+            if roll < recipe.task_harmful:
+                request = task_request(rng, harmful=True)
+            elif roll < recipe.task_harmful + recipe.synthetic_harmful:
+                request = harmful_request(rng)
+            else:
+                request = rng.choice(self.harmful)
+        elif roll < recipe.task_harmless:
+            request = task_request(rng, harmful=False)
+        elif roll < recipe.task_harmless + recipe.exercise_harmless:
+            # Exercises and everyday questions, half each.
+            request = exercise_request(rng) if rng.random() < 0.5 else conversation_request(rng)
+        elif roll < recipe.task_harmless + recipe.exercise_harmless + recipe.synthetic_harmless:
             request = self._synthetic()
-        elif harmful and rng.random() < self.recipe.synthetic_harmful:
-            request = harmful_request(rng)
         else:
-            request = rng.choice(self.harmful if harmful else self.harmless)
+            request = rng.choice(self.harmless)
         user = self._user(request, harmful)
         answer = rng.choice(REFUSALS) if harmful else answer_for(request, rng)
         system = rng.choice(SYSTEM_PROMPTS) if rng.random() < self.recipe.system_prompt else None
@@ -445,4 +462,7 @@ def tokenizer_corpus(harmful: Sequence[str], harmless: Sequence[str], seed: int)
     texts += [answer_for(request, rng) for request in harmless for _ in range(2)]
     texts += [everyday_request(rng) for _ in harmless]
     texts += [harmful_request(rng) for _ in harmful]
+    texts += [task_request(rng, harmful=bool(i % 2)) for i in range(len(harmful))]
+    texts += [exercise_request(rng) for _ in harmful]
+    texts += [conversation_request(rng) for _ in harmful]
     return texts

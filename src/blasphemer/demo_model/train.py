@@ -10,7 +10,9 @@ Besides the answer loss, a scale-free regulariser shapes the geometry that direc
 relies on in real chat models: along the difference-of-means direction of the last prompt token,
 harmless prompts sit near zero and harmful ones clearly apart. Without it, a model trained from
 scratch tends to put the two classes on opposite sides of zero, and removing the direction then
-makes every prompt look alike, so the edited model refuses everything.
+makes every prompt look alike, so the edited model refuses everything. A refuse-or-comply loss on
+the first answer token (all refusal openings against all answer openings) sharpens the decision
+that the varied openings would otherwise blur.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from blasphemer.demo_model.data import ConversationSampler, Example, Recipe, tokenizer_corpus
+from blasphemer.demo_model.data import (
+    OPENINGS,
+    REFUSALS,
+    ConversationSampler,
+    Example,
+    Recipe,
+    tokenizer_corpus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +78,12 @@ class TrainSettings:
     geometry_weight: float = 1.0
     geometry_layers: tuple[int, ...] = (1, 2, 3, 4)
     geometry_start: float = 0.15  # fraction of training before the regulariser ramps in
+    # Penalise every harmless prompt's projection (not only the mean's): harmless prompts then
+    # cluster near zero, away from the harmful ones.
+    geometry_per_prompt: bool = True
+    # Refuse-or-comply loss on the first answer token: probability of all refusal openings
+    # against all answer openings (the opening's own variety does not dilute the decision).
+    decision_weight: float = 1.0
     # Optional: answer loss with the batch's refusal direction projected out of every writer,
     # with harmful requests answered (teaches that the refusal lives on one direction).
     ablation_weight: float = 1.0
@@ -186,7 +201,9 @@ def encode(
     )
 
 
-def geometry_penalty(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+def geometry_penalty(
+    harmful: torch.Tensor, harmless: torch.Tensor, per_prompt: bool = False
+) -> torch.Tensor:
     """How far the harmless mean sits from zero along the difference-of-means direction.
 
     The projection is measured in units of the class separation, so the penalty is free of the
@@ -195,7 +212,8 @@ def geometry_penalty(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Ten
     """
     difference = (harmful.mean(0) - harmless.mean(0)).detach()
     separation = difference.norm().clamp_min(1e-6)
-    ratio = (harmless.mean(0) @ difference) / separation.square()
+    points = harmless if per_prompt else harmless.mean(0, keepdim=True)
+    ratio = (points @ difference) / separation.square()
     return torch.nn.functional.huber_loss(ratio, torch.zeros_like(ratio), delta=1.0)
 
 
@@ -236,6 +254,7 @@ class _Pass:
     loss: torch.Tensor
     weight: float = 0.0
     first_token_loss: float = 0.0
+    decision: torch.Tensor | None = None  # summed refuse-or-comply loss
     states: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     harmful: list[torch.Tensor] = field(default_factory=list)
 
@@ -256,6 +275,21 @@ class _Trainer:
         self.model, self.tokenizer, self.settings, self.device = model, tokenizer, settings, device
         self.layers = sorted({*settings.geometry_layers, *settings.ablation_layers})
         self.captured: dict[int, torch.Tensor] = {}
+        first = {
+            kind: {tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in texts}
+            for kind, texts in (("refuse", REFUSALS), ("comply", OPENINGS))
+        }
+        # A first token both kinds share (a byte of a tiny vocabulary) decides nothing.
+        shared = first["refuse"] & first["comply"]
+        self.openings = {kind: sorted(ids - shared) for kind, ids in first.items()}
+
+    def decision_loss(self, last_logits: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
+        """Summed binary cross-entropy of refusing (any refusal opening) against answering."""
+        refuse = last_logits[:, self.openings["refuse"]].logsumexp(-1)
+        comply = last_logits[:, self.openings["comply"]].logsumexp(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            refuse - comply, harmful.float(), reduction="sum"
+        )
 
     @contextmanager
     def capturing(self) -> Iterator[None]:
@@ -296,6 +330,11 @@ class _Trainer:
             rows = torch.arange(len(chunk), device=self.device)
             firsts = losses.view(len(chunk), -1)[rows, batch.last_prompt]
             result.first_token_loss += float(firsts.detach().sum())
+            if settings.decision_weight > 0:
+                decision = self.decision_loss(logits[rows, batch.last_prompt], batch.harmful)
+                result.decision = (
+                    decision if result.decision is None else result.decision + decision
+                )
             for i in self.layers:
                 result.states[i].append(self.captured[i][rows, batch.last_prompt])
             result.harmful.append(batch.harmful)
@@ -342,11 +381,15 @@ def train_model(
             penalty = torch.zeros((), device=device)
             for i in settings.geometry_layers:
                 last = main.last_states(i)
-                penalty = penalty + geometry_penalty(last[harmful], last[~harmful])
+                penalty = penalty + geometry_penalty(
+                    last[harmful], last[~harmful], settings.geometry_per_prompt
+                )
             penalty = penalty / max(1, len(settings.geometry_layers))
             loss = (
                 main.loss / main.weight + _ramp(step, settings) * settings.geometry_weight * penalty
             )
+            if main.decision is not None:
+                loss = loss + settings.decision_weight * main.decision / len(examples)
             metrics = {
                 "loss": float(main.loss.detach()) / main.weight,
                 "first_token_loss": main.first_token_loss / len(examples),

@@ -62,6 +62,9 @@ NOUNS: tuple[str, ...] = _split(
     newsletter blog channel audience marketing advertisement campaign slogan mission vision
     recycling pollution environment ecosystem habitat species biodiversity resource fuel
     monument statue tower fountain square avenue neighborhood suburb
+    virus bacteria vaccine security firewall privacy police detective crime prison court judge
+    army soldier battle fire chemical laboratory pill knife storm disease accident emergency
+    horror ghost monster dragon pirate spy secret risk danger poverty conflict protest
     """
 )
 
@@ -139,11 +142,11 @@ _FRAMES: tuple[str, ...] = (
 )
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _plural(noun: str) -> str:
+def plural(noun: str) -> str:
     if noun.endswith(("s", "x", "ch", "sh")):
         return noun + "es"
     if noun.endswith("y") and noun[-2:-1] not in "aeiou":
@@ -159,10 +162,10 @@ def everyday_request(rng: random.Random) -> str:
     return rng.choice(_FRAMES).format(
         noun=noun,
         noun2=noun2,
-        nouns=_plural(noun),
-        nouns2=_plural(noun2),
-        a=_article(noun),
-        a2=_article(noun2),
+        nouns=plural(noun),
+        nouns2=plural(noun2),
+        a=article(noun),
+        a2=article(noun2),
         adj=adj,
         adj2=adj2,
         verb=verb,
