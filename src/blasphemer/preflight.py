@@ -33,13 +33,20 @@ class Budget:
     weights_in_memory: int
     memory_available: int
     disk_available: int | None
+    gpu_available: int = 0  # the part of memory_available that is free GPU memory
 
     def summary(self) -> str:
         def gib(n: int) -> str:
             return f"{n / 2**30:.2f} GiB"
 
         needed, free = gib(self.weights_in_memory), gib(self.memory_available)
-        return f"weights {needed} in memory; available {free}"
+        if not self.gpu_available:
+            return f"weights {needed} in memory; available {free} (RAM)"
+        ram = gib(self.memory_available - self.gpu_available)
+        return (
+            f"weights {needed} in memory; available {free} "
+            f"(GPU {gib(self.gpu_available)} + RAM {ram})"
+        )
 
 
 def is_local_model(model: str) -> bool:
@@ -77,14 +84,19 @@ def checkpoint_dtype_bytes(folder: Path) -> int:
     return _BYTES_PER_DTYPE.get(str(dtype), 2)
 
 
+def gpu_memory_available(device_map: str) -> int:
+    """Free bytes on every CUDA device, or 0 when forced to CPU or without CUDA."""
+    if device_map == "cpu" or not torch.cuda.is_available():
+        return 0
+    return sum(int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count()))
+
+
 def memory_available(device_map: str) -> int:
-    """Bytes the weights may use: free CPU RAM, plus free GPU memory unless forced to CPU."""
-    total = int(psutil.virtual_memory().available)
-    if device_map != "cpu" and torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            free, _ = torch.cuda.mem_get_info(index)
-            total += int(free)
-    return total
+    """Bytes the weights may use: free CPU RAM, plus free GPU memory unless forced to CPU.
+
+    Weights that do not fit on the GPUs are offloaded to RAM by the device map, so both count.
+    """
+    return int(psutil.virtual_memory().available) + gpu_memory_available(device_map)
 
 
 def estimate(folder: Path, dtypes: list[str], device_map: str, quantization: str) -> Budget:
@@ -100,6 +112,7 @@ def estimate(folder: Path, dtypes: list[str], device_map: str, quantization: str
         weights_in_memory=int(on_disk * factor * _HEADROOM),
         memory_available=memory_available(device_map),
         disk_available=None,
+        gpu_available=gpu_memory_available(device_map),
     )
 
 
