@@ -31,9 +31,14 @@ class Budget:
 
     weights_on_disk: int
     weights_in_memory: int
-    memory_available: int
+    ram_available: int
     disk_available: int | None
-    gpu_available: int = 0  # the part of memory_available that is free GPU memory
+    gpu_available: int = 0  # free memory of every GPU the device map may use
+
+    @property
+    def memory_available(self) -> int:
+        """RAM plus GPU memory: weights that do not fit on the GPUs are offloaded to RAM."""
+        return self.ram_available + self.gpu_available
 
     def summary(self) -> str:
         def gib(n: int) -> str:
@@ -42,10 +47,9 @@ class Budget:
         needed, free = gib(self.weights_in_memory), gib(self.memory_available)
         if not self.gpu_available:
             return f"weights {needed} in memory; available {free} (RAM)"
-        ram = gib(self.memory_available - self.gpu_available)
         return (
             f"weights {needed} in memory; available {free} "
-            f"(GPU {gib(self.gpu_available)} + RAM {ram})"
+            f"(GPU {gib(self.gpu_available)} + RAM {gib(self.ram_available)})"
         )
 
 
@@ -91,14 +95,6 @@ def gpu_memory_available(device_map: str) -> int:
     return sum(int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count()))
 
 
-def memory_available(device_map: str) -> int:
-    """Bytes the weights may use: free CPU RAM, plus free GPU memory unless forced to CPU.
-
-    Weights that do not fit on the GPUs are offloaded to RAM by the device map, so both count.
-    """
-    return int(psutil.virtual_memory().available) + gpu_memory_available(device_map)
-
-
 def estimate(folder: Path, dtypes: list[str], device_map: str, quantization: str) -> Budget:
     """Estimate the memory the run needs for the first dtype it will try."""
     on_disk = weights_size(folder)
@@ -110,7 +106,7 @@ def estimate(folder: Path, dtypes: list[str], device_map: str, quantization: str
     return Budget(
         weights_on_disk=on_disk,
         weights_in_memory=int(on_disk * factor * _HEADROOM),
-        memory_available=memory_available(device_map),
+        ram_available=int(psutil.virtual_memory().available),
         disk_available=None,
         gpu_available=gpu_memory_available(device_map),
     )
