@@ -8,6 +8,7 @@ are quick to test.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -15,6 +16,7 @@ import select
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,23 @@ Responder = Callable[[list[str], str], str | None]
 
 class BenchError(RuntimeError):
     """A benchmark step failed; the message names the step, the log and, where known, the fix."""
+
+
+def apply_presets(args: argparse.Namespace, presets: Mapping[str, tuple[object, object]]) -> None:
+    """Fill every option left unset from ``presets`` (option: (full run, ``--quick``))."""
+    for key, (full, quick) in presets.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+
+
+def exit_code(body: Callable[[], object]) -> int:
+    """Run a benchmark: 0, or 1 with its one-line error on stderr when a step failed."""
+    try:
+        body()
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --- child processes ----------------------------------------------------------------------------

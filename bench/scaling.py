@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import blasphemer_runner
-from bench_common import BenchError, fmt, markdown_table, median
+from bench_common import BenchError, apply_presets, exit_code, fmt, markdown_table, median
 
 BENCH = Path(__file__).resolve().parent
 DEMO_MODEL = BENCH.parent / "src" / "blasphemer" / "data" / "demo-model"
@@ -228,20 +228,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--workdir", type=Path)
     add("--results-dir", type=Path, default=BENCH / "results")
     args = parser.parse_args(argv)
-    for key, (full, quick) in PRESETS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else full)
+    apply_presets(args, PRESETS)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> Path:

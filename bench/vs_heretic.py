@@ -28,7 +28,16 @@ from typing import Any
 
 import blasphemer_runner
 import heretic_driver
-from bench_common import BenchError, child_env, fmt, pareto_front, run_timed, spread
+from bench_common import (
+    BenchError,
+    apply_presets,
+    child_env,
+    exit_code,
+    fmt,
+    pareto_front,
+    run_timed,
+    spread,
+)
 from vs_heretic_report import (
     TOOLS,
     aggregate,
@@ -103,9 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--results-dir", type=Path, default=BENCH / "results")
     add("--heretic-venv", type=Path, default=BENCH / ".venv-heretic")
     args = parser.parse_args(argv)
-    for key, (full, quick) in PRESETS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else full)
+    apply_presets(args, PRESETS)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := set(args.modes) - {"early", "exact"}:
         parser.error(f"unknown --modes {sorted(unknown)}; use early, exact or early,exact")
@@ -342,12 +349,7 @@ def write_results(args: argparse.Namespace, result: dict[str, Any]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        benchmark(args)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(lambda: benchmark(args))
 
 
 if __name__ == "__main__":
