@@ -194,6 +194,36 @@ def test_budget_callback_stops_at_the_study_total(url: str) -> None:
     assert count_trials(study).complete == 5
 
 
+def _first_random_x(study: optuna.Study) -> float:
+    return study.ask().suggest_float("x", 0, 1)
+
+
+def test_runs_with_neighbouring_seeds_draw_different_start_up_trials(url: str) -> None:
+    """Seed 1 opening an empty study and seed 0 opening it one trial later are two runs racing
+    (the CI failure "trials [1, 2] share parameters"): their random start-up draws must differ."""
+    first = _open(url, seed=1).study
+    first.add_trial(
+        optuna.trial.create_trial(
+            params={"x": 0.5},
+            distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+            values=[0.5, 0.5],
+        )
+    )
+    second = _open(url, seed=0).study
+    assert _first_random_x(first) != _first_random_x(second)
+
+
+def test_a_fresh_study_uses_the_seed_as_given(url: str) -> None:
+    other = default_storage_url(Path(url.removeprefix("sqlite:///")).parent / "other")
+    assert _first_random_x(_open(url, seed=3).study) == _first_random_x(_open(other, seed=3).study)
+
+
+@pytest.mark.parametrize("n_before", [1, 2, 5])
+def test_resumed_seed_differs_from_every_small_fresh_seed(n_before: int) -> None:
+    seeds = {study_module.sampler_seed(seed, n_before) for seed in range(100)}
+    assert len(seeds) == 100 and not seeds & set(range(1000))
+
+
 def test_enqueue_once_skips_duplicates(url: str) -> None:
     study = _open(url).study
     enqueue_once(study, {"x": 0.25})

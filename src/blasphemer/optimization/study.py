@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -298,10 +299,8 @@ def create_or_load_study(
     if existing is not None and resume is False:
         _retry(lambda: optuna.delete_study(study_name=study_name, storage=storage), storage_url)
         existing = None
-    # A resumed study continues with a seed that depends on how far it got: the same seed would
-    # replay the random start-up trials it already ran.
     n_before = 0 if existing is None else len(storage.get_all_trials(existing, deepcopy=False))
-    sampler = _sampler(None if seed is None else seed + n_before, n_startup_trials)
+    sampler = _sampler(sampler_seed(seed, n_before), n_startup_trials)
 
     def create() -> optuna.Study:
         return optuna.create_study(
@@ -333,6 +332,20 @@ def _find_study(storage: RDBStorage, name: str, url: str) -> int | None:
             return None
 
     return _retry(lookup, url)
+
+
+def sampler_seed(seed: int | None, n_before: int) -> int | None:
+    """The sampler's seed for a process that opens a study already holding ``n_before`` trials.
+
+    A resumed study must not reuse ``seed`` (it would replay the random start-up trials it already
+    ran), and two processes opening one study must not end up with the same seed: with
+    ``seed + n_before``, a run with seed 0 that arrives after one trial collided with a run with
+    seed 1 that arrived first, and both drew the same start-up trials. A fresh study keeps
+    ``seed`` itself, so a single run is reproducible from its settings.
+    """
+    if seed is None or n_before == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, n_before]).generate_state(1)[0])
 
 
 def _sampler(seed: int | None, n_startup_trials: int) -> optuna.samplers.TPESampler:
