@@ -103,8 +103,11 @@ class Settings(BaseSettings):
 
     # --- directions and ablation ------------------------------------------------------------
     projected_directions: bool = Field(
-        False,
-        description="Remove each direction's component along the harmless mean (projected).",
+        True,
+        description=(
+            "Remove each direction's component along the harmless mean (projected; "
+            "false: the plain difference of means)."
+        ),
     )
     norm_preserving: bool = Field(
         False,

@@ -154,8 +154,6 @@ def demo(settings: Settings, console: Console) -> int:
     }
     if "n_trials" not in settings.model_fields_set:
         updates["n_trials"] = 40
-    if settings.select is None:
-        updates["select"] = "lowest-kl:refusals<=0.1"
     demo_settings = settings.model_copy(update=updates)
     outcome = _run(demo_settings, console)
     if outcome.chosen is not None and outcome.chosen.parameters is not None:
