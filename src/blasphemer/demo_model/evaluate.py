@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from blasphemer.architectures import resolve
 from blasphemer.architectures.base import ComponentKind, ModelMap
+from blasphemer.demo_model.train import opening_tokens
 from blasphemer.editing import apply_ablation
 from blasphemer.evaluation.markers import is_refusal
 
@@ -113,6 +114,14 @@ class Demo:
                 rows[index] = row
         return torch.stack(rows)
 
+    def decision_scores(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """``[n]`` log-odds of refusing at the first answer token: all refusal openings against
+        all answer openings (the quantity the training's decision loss acts on)."""
+        logprobs = self.first_token_logprobs(texts, batch_size)
+        openings = opening_tokens(self.tokenizer)  # type: ignore[arg-type]
+        refuse = logprobs[:, openings["refuse"]].logsumexp(-1)
+        return refuse - logprobs[:, openings["comply"]].logsumexp(-1)
+
     @torch.inference_mode()
     def last_token_means(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """``[n_layers, hidden]`` float64 mean last-prompt-token residual at each layer's output."""
@@ -164,6 +173,13 @@ def ablated(model_map: ModelMap, direction: torch.Tensor, strength: float = 1.0)
         yield
 
 
+def roc_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    above = (positive[:, None] > negative[None, :]).double().mean()
+    tied = (positive[:, None] == negative[None, :]).double().mean()
+    return float(above + tied / 2)
+
+
 def kl_divergence(base: torch.Tensor, edited: torch.Tensor) -> float:
     """Mean KL(base ‖ edited) over rows of log-probabilities."""
     return float((base.exp() * (base - edited)).sum(-1).mean())
@@ -204,6 +220,9 @@ class Report:
     harmful_after_context: float
     harmless_with_system: float
     harmful_with_system: float
+    # Threshold-free: ROC AUC of the first-token refusal log-odds, harmful_test against
+    # harmless_test (first 500). Moving along one trade-off curve leaves it unchanged.
+    decision_auc: float
     ablations: list[Ablation] = field(default_factory=list)
     tradeoff: list[dict[str, float]] = field(default_factory=list)
     per_layer: list[dict[str, float]] = field(default_factory=list)
@@ -284,6 +303,10 @@ def evaluate(
         harmful_after_context=context_rate,
         harmless_with_system=harmless_system_rate,
         harmful_with_system=harmful_system_rate,
+        decision_auc=roc_auc(
+            demo.decision_scores(test_harmful, batch_size),
+            demo.decision_scores(test_harmless, batch_size),
+        ),
         examples={
             "harmful_test": harmful_answers[:5],
             "harmless_test": harmless_answers[:5],
@@ -346,6 +369,8 @@ def format_report(report: Report) -> str:
         f"harmful_test after an unrelated harmless request: {report.harmful_after_context:.1%}",
         f"with system prompt 'You are a helpful assistant.': harmful_test "
         f"{report.harmful_with_system:.1%}, harmless_test {report.harmless_with_system:.1%}",
+        f"first-token refusal log-odds, ROC AUC harmful_test vs harmless_test: "
+        f"{report.decision_auc:.3f}",
         "",
         "classic ablation strength (all layers): refusals / KL",
     ]

@@ -31,7 +31,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from blasphemer.demo_model.data import (
     OPENINGS,
@@ -65,7 +71,7 @@ class TrainSettings:
     learning_rate: float = 3e-3
     warmup: int = 60
     weight_decay: float = 0.1
-    vocab_size: int = 2048
+    vocab_size: int = 4096
     hidden_size: int = 192
     layers: int = 6
     heads: int = 6
@@ -108,6 +114,19 @@ class TrainSettings:
             geometry_layers=(0, 1),
             ablation_layers=(0, 1),
         )
+
+
+def opening_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
+    """First tokens of the refusal (``"refuse"``) and answer (``"comply"``) openings.
+
+    A first token both kinds share (a byte of a tiny vocabulary) decides nothing and is left out.
+    """
+    first = {
+        kind: {tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in texts}
+        for kind, texts in (("refuse", REFUSALS), ("comply", OPENINGS))
+    }
+    shared = first["refuse"] & first["comply"]
+    return {kind: sorted(ids - shared) for kind, ids in first.items()}
 
 
 def build_tokenizer(corpus: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -275,13 +294,7 @@ class _Trainer:
         self.model, self.tokenizer, self.settings, self.device = model, tokenizer, settings, device
         self.layers = sorted({*settings.geometry_layers, *settings.ablation_layers})
         self.captured: dict[int, torch.Tensor] = {}
-        first = {
-            kind: {tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in texts}
-            for kind, texts in (("refuse", REFUSALS), ("comply", OPENINGS))
-        }
-        # A first token both kinds share (a byte of a tiny vocabulary) decides nothing.
-        shared = first["refuse"] & first["comply"]
-        self.openings = {kind: sorted(ids - shared) for kind, ids in first.items()}
+        self.openings = opening_tokens(tokenizer)
 
     def decision_loss(self, last_logits: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
         """Summed binary cross-entropy of refusing (any refusal opening) against answering."""
