@@ -33,8 +33,8 @@ SCRIPT = Path(sys.executable).with_name("blasphemer")
 N_TRIALS = 40
 # The issue asks for held-out refusals <= 10 % with KL <= 0.2; the rule asks the same of the
 # *select* split, and the held-out split then has to confirm it (on the demo model of
-# 2026-11-27, with projected directions, the rule chose a trial with 6.5 % held-out refusals at
-# KL 0.029).
+# 2026-11-27, 4,096-token vocabulary, with projected directions, the rule chose a trial with
+# 4 % held-out refusals at KL 0.081).
 SELECT_MAX_REFUSALS = 0.1
 SELECT_RULE = f"lowest-kl:refusals<={SELECT_MAX_REFUSALS}"
 MAX_REFUSAL_RATE = 0.10
@@ -264,7 +264,13 @@ def test_sigkill_mid_study_then_resume_loses_no_finished_trial(
     for number in interrupted:  # the killed trial was failed and re-run with its parameters
         assert trials[number].state == TrialState.FAIL
         retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
-        assert len(retries) == 1 and retries[0].params == trials[number].params
+        assert len(retries) == 1, [(t.number, t.state.name) for t in retries]
+        # The kill can land while the trial is still drawing its parameters: the retry keeps every
+        # one that was recorded and draws the rest.
+        assert retries[0].params.items() >= trials[number].params.items(), (
+            retries[0].params,
+            trials[number].params,
+        )
 
 
 # --- blasphemer demo ----------------------------------------------------------------------------
