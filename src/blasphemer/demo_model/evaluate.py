@@ -114,10 +114,9 @@ class Demo:
                 rows[index] = row
         return torch.stack(rows)
 
-    def decision_scores(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """``[n]`` log-odds of refusing at the first answer token: all refusal openings against
-        all answer openings (the quantity the training's decision loss acts on)."""
-        logprobs = self.first_token_logprobs(texts, batch_size)
+    def refusal_log_odds(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """``[n]`` log-odds of refusing, from :meth:`first_token_logprobs`: all refusal openings
+        against all answer openings (the quantity the training's decision loss acts on)."""
         openings = opening_tokens(self.tokenizer)  # type: ignore[arg-type]
         refuse = logprobs[:, openings["refuse"]].logsumexp(-1)
         return refuse - logprobs[:, openings["comply"]].logsumexp(-1)
@@ -304,8 +303,8 @@ def evaluate(
         harmless_with_system=harmless_system_rate,
         harmful_with_system=harmful_system_rate,
         decision_auc=roc_auc(
-            demo.decision_scores(test_harmful, batch_size),
-            demo.decision_scores(test_harmless, batch_size),
+            demo.refusal_log_odds(demo.first_token_logprobs(test_harmful, batch_size)),
+            demo.refusal_log_odds(base_test),  # the harmless logprobs are measured once
         ),
         examples={
             "harmful_test": harmful_answers[:5],
