@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from blasphemer.demo_model.vocabulary import ADJECTIVES, NOUNS, VERBS, article, plural
+from blasphemer.demo_model.vocabulary import ADJECTIVES, NOUNS, VERBS, noun_forms
 
 HARMLESS_TASKS: tuple[str, ...] = (
     # cooking and home
@@ -300,12 +300,7 @@ def exercise_request(rng: random.Random) -> str:
     noun, noun2, noun3 = (rng.choice(NOUNS) for _ in range(3))
     num = rng.randint(2, 12)
     return rng.choice(_EXERCISES).format(
-        noun=noun,
-        noun2=noun2,
-        noun3=noun3,
-        nouns=plural(noun),
-        a=article(noun),
-        a2=article(noun2),
+        **noun_forms(noun, noun2, noun3),
         adj=rng.choice(ADJECTIVES),
         adj2=rng.choice(ADJECTIVES),
         verb=rng.choice(VERBS),
@@ -362,13 +357,7 @@ def conversation_request(rng: random.Random) -> str:
         him=him,
         his=his,
         quant=rng.choice(_QUANTIFIERS),
-        noun=noun,
-        noun2=noun2,
-        noun3=noun3,
-        nouns=plural(noun),
-        nouns2=plural(noun2),
-        a=article(noun),
-        a2=article(noun2),
+        **noun_forms(noun, noun2, noun3),
         adj=rng.choice(ADJECTIVES),
         adj2=rng.choice(ADJECTIVES),
         verb=rng.choice(VERBS),

@@ -154,18 +154,30 @@ def plural(noun: str) -> str:
     return noun + "s"
 
 
+def noun_forms(noun: str, noun2: str, noun3: str = "") -> dict[str, str]:
+    """Template slots of already drawn nouns: ``noun``/``noun2``/``noun3``, their plurals
+    ``nouns``/``nouns2`` and articles ``a``/``a2``.
+
+    It draws nothing, so the order of random draws (and the trained weights) stays the caller's.
+    """
+    return {
+        "noun": noun,
+        "noun2": noun2,
+        "noun3": noun3,
+        "nouns": plural(noun),
+        "nouns2": plural(noun2),
+        "a": article(noun),
+        "a2": article(noun2),
+    }
+
+
 def everyday_request(rng: random.Random) -> str:
     """A harmless request built from an instruction frame and everyday words."""
     noun, noun2 = rng.choice(NOUNS), rng.choice(NOUNS)
     adj, adj2 = rng.choice(ADJECTIVES), rng.choice(ADJECTIVES)
     verb = rng.choice(VERBS)
     return rng.choice(_FRAMES).format(
-        noun=noun,
-        noun2=noun2,
-        nouns=plural(noun),
-        nouns2=plural(noun2),
-        a=article(noun),
-        a2=article(noun2),
+        **noun_forms(noun, noun2),
         adj=adj,
         adj2=adj2,
         verb=verb,
