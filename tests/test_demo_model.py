@@ -18,6 +18,7 @@ from blasphemer.demo_model.data import (
     answer_for,
     messages,
 )
+from blasphemer.demo_model.objectives import geometry_penalty
 from blasphemer.demo_model.tasks import (
     HARMFUL_TASKS,
     HARMLESS_TASKS,
@@ -27,7 +28,6 @@ from blasphemer.demo_model.tasks import (
     task_request,
     writing_request,
 )
-from blasphemer.demo_model.train import geometry_penalty
 from blasphemer.demo_model.train import main as train_main
 from blasphemer.demo_model.vocabulary import ADJECTIVES, NOUNS, VERBS, everyday_request
 from blasphemer.evaluation.markers import is_refusal
@@ -130,7 +130,8 @@ def test_geometry_penalty_is_zero_at_the_target_and_free_of_scale() -> None:
 def test_decision_loss_compares_all_refusal_openings_with_all_answer_openings(
     tmp_path: Path,
 ) -> None:
-    from blasphemer.demo_model.train import TrainSettings, _Trainer, build_model, build_tokenizer
+    from blasphemer.demo_model.chat_tokenizer import build_tokenizer
+    from blasphemer.demo_model.train import TrainSettings, _Trainer, build_model
 
     corpus = [*REFUSALS, *OPENINGS] * 20 + HARMLESS + HARMFUL
     tokenizer = build_tokenizer(corpus, 400)
@@ -157,6 +158,19 @@ def test_roc_auc_counts_ordered_pairs_and_half_the_ties() -> None:
     assert roc_auc(low, low) == 0.5  # the same scores: no separation
     # 2 of the 4 pairs ordered, 1 tied: (2 + 0.5) / 4
     assert roc_auc(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])) == 0.625
+
+
+def test_caught_at_keeps_false_refusals_within_the_rate() -> None:
+    from blasphemer.demo_model.evaluate import caught_at
+
+    negative = torch.arange(100.0)[torch.randperm(100)]
+    # At 5 %: the threshold lets 95..99 through (5 of 100) and stops at 94.
+    assert caught_at(torch.tensor([94.5, 200.0, 10.0, 94.0]), negative, 0.05) == 0.5
+    assert caught_at(torch.tensor([0.5]), negative, 0.99) == 1.0  # only 0 stays below
+    assert caught_at(torch.tensor([-1.0]), negative, 1.0) == 1.0
+    assert caught_at(torch.tensor([99.0, 98.5]), negative, 0.0) == 0.0  # none may pass 99
+    assert caught_at(torch.tensor([70.5]), negative, 0.29) == 1.0  # 71..99 pass: 29 of 100
+    assert caught_at(torch.tensor([100.0]), negative, 0.0) == 1.0
 
 
 def test_sampler_draws_every_kind_of_request() -> None:

@@ -30,34 +30,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
-from blasphemer.demo_model.data import (
-    OPENINGS,
-    REFUSALS,
-    ConversationSampler,
-    Example,
-    Recipe,
-    tokenizer_corpus,
+from blasphemer.demo_model.chat_tokenizer import build_tokenizer, encode, opening_tokens
+from blasphemer.demo_model.data import ConversationSampler, Example, Recipe, tokenizer_corpus
+from blasphemer.demo_model.objectives import (
+    RunningDirection,
+    geometry_penalty,
+    without_direction,
 )
 
 logger = logging.getLogger(__name__)
-
-END, PAD = "<|end|>", "<|pad|>"
-ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -116,43 +104,6 @@ class TrainSettings:
         )
 
 
-def opening_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
-    """First tokens of the refusal (``"refuse"``) and answer (``"comply"``) openings.
-
-    A first token both kinds share (a byte of a tiny vocabulary) decides nothing and is left out.
-    """
-    first = {
-        kind: {tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in texts}
-        for kind, texts in (("refuse", REFUSALS), ("comply", OPENINGS))
-    }
-    shared = first["refuse"] & first["comply"]
-    return {kind: sorted(ids - shared) for kind, ids in first.items()}
-
-
-def build_tokenizer(corpus: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer with the chat special tokens and the chat template."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, END, *ROLE_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=END,
-        pad_token=PAD,
-        additional_special_tokens=list(ROLE_TOKENS),
-        padding_side="left",
-        model_max_length=1024,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
 def build_model(settings: TrainSettings, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """A freshly initialised Llama model sized by ``settings``."""
     config = LlamaConfig(
@@ -169,71 +120,6 @@ def build_model(settings: TrainSettings, tokenizer: PreTrainedTokenizerFast) -> 
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
-
-
-@dataclass
-class _Encoded:
-    input_ids: torch.Tensor  # [b, t], right-padded
-    attention_mask: torch.Tensor
-    labels: torch.Tensor  # -100 outside the answer
-    weights: torch.Tensor  # per-label loss weight
-    last_prompt: torch.Tensor  # [b] index of the last prompt token
-    harmful: torch.Tensor  # [b] bool
-
-    def to(self, device: str) -> _Encoded:
-        """The same batch on ``device``."""
-        return _Encoded(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
-
-
-def encode(
-    tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], first_token_weight: float
-) -> _Encoded:
-    """Tokenise prompt and answer separately (as generation sees them) and right-pad."""
-    rows: list[tuple[list[int], int]] = []
-    for example in examples:
-        turns = [] if example.system is None else [{"role": "system", "content": example.system}]
-        turns.append({"role": "user", "content": example.user})
-        prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(example.assistant, add_special_tokens=False)["input_ids"]
-        rows.append((prompt_ids + answer_ids + [tokenizer.eos_token_id], len(prompt_ids)))
-    width = max(len(ids) for ids, _ in rows)
-    count = len(rows)
-    input_ids = torch.full((count, width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((count, width), dtype=torch.long)
-    labels = torch.full((count, width), -100, dtype=torch.long)
-    weights = torch.zeros((count, width))
-    for row, (ids, prompt_length) in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        # Position p predicts token p + 1: the answer is predicted from the last prompt token on.
-        labels[row, prompt_length - 1 : len(ids) - 1] = torch.tensor(ids[prompt_length:])
-        weights[row, prompt_length - 1 : len(ids) - 1] = 1.0
-        weights[row, prompt_length - 1] = first_token_weight
-    return _Encoded(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        labels=labels,
-        weights=weights,
-        last_prompt=torch.tensor([prompt_length - 1 for _, prompt_length in rows]),
-        harmful=torch.tensor([example.harmful for example in examples]),
-    )
-
-
-def geometry_penalty(
-    harmful: torch.Tensor, harmless: torch.Tensor, per_prompt: bool = False
-) -> torch.Tensor:
-    """How far the harmless mean sits from zero along the difference-of-means direction.
-
-    The projection is measured in units of the class separation, so the penalty is free of the
-    activations' scale; direction and separation are constants (detached) of the step, and the
-    Huber form keeps early, poorly separated steps from swamping the answer loss.
-    """
-    difference = (harmful.mean(0) - harmless.mean(0)).detach()
-    separation = difference.norm().clamp_min(1e-6)
-    points = harmless if per_prompt else harmless.mean(0, keepdim=True)
-    ratio = (points @ difference) / separation.square()
-    return torch.nn.functional.huber_loss(ratio, torch.zeros_like(ratio), delta=1.0)
 
 
 def _schedule(step: int, settings: TrainSettings) -> float:
@@ -354,24 +240,6 @@ class _Trainer:
         return result
 
 
-@contextmanager
-def _without(model: LlamaForCausalLM, direction: torch.Tensor) -> Iterator[None]:
-    """Project ``direction`` out of every attention-out and MLP-down output (training only)."""
-
-    def hook(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
-        return output - (output @ direction).unsqueeze(-1) * direction
-
-    handles = []
-    for layer in model.model.layers:
-        handles.append(layer.self_attn.o_proj.register_forward_hook(hook))
-        handles.append(layer.mlp.down_proj.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def train_model(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
@@ -384,7 +252,7 @@ def train_model(
     optimizer = _optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, settings))
     trainer = _Trainer(model, tokenizer, settings, device)
-    running = _RunningDirection()
+    running = RunningDirection()
     model.train()
     with trainer.capturing():
         for step in range(settings.steps):
@@ -427,26 +295,6 @@ def train_model(
     model.eval()
 
 
-class _RunningDirection:
-    """Difference of exponentially averaged class means of last-prompt states, per layer."""
-
-    def __init__(self, decay: float = 0.9) -> None:
-        self.decay = decay
-        self.means: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, layer: int, harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
-        """Fold in one batch's states; return the current unit direction (no gradient)."""
-        batch = (harmful.detach().mean(0), harmless.detach().mean(0))
-        if layer in self.means:
-            batch = (
-                self.decay * self.means[layer][0] + (1 - self.decay) * batch[0],
-                self.decay * self.means[layer][1] + (1 - self.decay) * batch[1],
-            )
-        self.means[layer] = batch
-        difference = batch[0] - batch[1]
-        return difference / difference.norm().clamp_min(1e-6)
-
-
 def _ablation_pass(
     trainer: _Trainer,
     sampler: ConversationSampler,
@@ -463,7 +311,7 @@ def _ablation_pass(
     harmless = [example for example in examples if not example.harmful]
     chosen = [sampler.complied(example) for example in harmful[: max(1, int(len(harmful) * share))]]
     chosen += harmless[: max(1, int(len(harmless) * share))]
-    with _without(trainer.model, direction):
+    with without_direction(trainer.model, direction):
         ablated = trainer.run(chosen)
     return ablated.loss / ablated.weight
 
