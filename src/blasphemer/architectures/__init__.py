@@ -13,16 +13,9 @@ from blasphemer.architectures.base import (
     Writer,
     WriterSpec,
 )
+from blasphemer.architectures.override import dump_override, load_override, spec_from_dict
 from blasphemer.architectures.registry import REGISTRY, spec_for_model_types
-from blasphemer.architectures.resolve import (
-    describe,
-    dump_override,
-    guess_spec,
-    load_override,
-    model_types,
-    resolve,
-    spec_from_dict,
-)
+from blasphemer.architectures.resolve import describe, guess_spec, model_types, resolve
 
 __all__ = [
     "REGISTRY",
