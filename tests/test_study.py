@@ -14,10 +14,10 @@ from optuna.trial import TrialState
 
 from blasphemer.errors import StorageError
 from blasphemer.optimization import study as study_module
+from blasphemer.optimization.fingerprint import build_fingerprint
 from blasphemer.optimization.study import (
     FINGERPRINT_ATTR,
     budget_callback,
-    build_fingerprint,
     count_trials,
     create_or_load_study,
     default_storage_url,

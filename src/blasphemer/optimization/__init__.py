@@ -1,5 +1,6 @@
 """Optimisation: the search space, the study in its storage, the objective and trial selection."""
 
+from blasphemer.optimization.fingerprint import build_fingerprint
 from blasphemer.optimization.objective import Objective, TrialResult, completed_results
 from blasphemer.optimization.search_space import (
     SearchSpace,
@@ -18,7 +19,6 @@ from blasphemer.optimization.study import (
     OpenedStudy,
     TrialCounts,
     budget_callback,
-    build_fingerprint,
     count_trials,
     create_or_load_study,
     default_storage_url,

@@ -12,7 +12,6 @@ setups in one Pareto front would be meaningless.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
@@ -30,6 +29,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from blasphemer.errors import StorageError
+from blasphemer.optimization.fingerprint import fingerprint_differences, normalized
 
 FINGERPRINT_ATTR = "fingerprint"
 RESTART_HINT = "choose a new --study-name or pass --no-resume to discard it"
@@ -179,72 +179,6 @@ def open_storage(
     )
 
 
-# --- fingerprints -------------------------------------------------------------------------------
-
-SCORE_SETTINGS: tuple[str, ...] = (
-    "quantization",
-    "system_prompt",
-    "split_seed",
-    "max_fit_prompts",
-    "n_select_prompts",
-    "projected_directions",
-    "norm_preserving",
-    "refusal_markers",
-    "max_new_tokens",
-    "decided_after",
-    "exact_verdicts",
-    "kl_positions",
-    "scorers",
-)
-"""Settings whose change makes earlier trial scores incomparable."""
-
-
-def build_fingerprint(
-    *,
-    model_id: str,
-    revision: str | None,
-    dtype: str,
-    settings: Mapping[str, Any],
-    prompt_fingerprints: Mapping[str, str],
-    model_digest: str | None = None,
-) -> dict[str, Any]:
-    """What a study's scores depend on, as a JSON-normalised dict.
-
-    ``settings`` is e.g. ``Settings.model_dump()``; only the keys in :data:`SCORE_SETTINGS` are
-    kept. ``prompt_fingerprints`` maps a set name (``"harmful"``) to its content hash;
-    ``model_digest`` identifies the weights of a local model folder.
-    """
-    fingerprint = {
-        "model_id": model_id,
-        "model_digest": model_digest,
-        "revision": revision,
-        "dtype": dtype,
-        **{key: settings[key] for key in SCORE_SETTINGS if key in settings},
-        "prompts": dict(prompt_fingerprints),
-    }
-    return _normalized(fingerprint)
-
-
-def _normalized(value: Mapping[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(json.dumps(value, default=str, sort_keys=True))
-    return result
-
-
-def fingerprint_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """Keys whose values differ, as ``"key: old → new"`` (values shortened), sorted by key."""
-    differences = []
-    for key in sorted(set(stored) | set(wanted)):
-        old, new = stored.get(key), wanted.get(key)
-        if old != new:
-            differences.append(f"{key}: {_short(old)} → {_short(new)}")
-    return differences
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 # --- create / load ------------------------------------------------------------------------------
 
 
@@ -294,7 +228,7 @@ def create_or_load_study(
         max_retry=max_retry,
     )
     shown = redact_url(normalize_url(storage_url))
-    wanted = _normalized(fingerprint)
+    wanted = normalized(fingerprint)
     existing = _find_study(storage, study_name, storage_url)
     if existing is not None and resume is False:
         _retry(lambda: optuna.delete_study(study_name=study_name, storage=storage), storage_url)
