@@ -92,16 +92,16 @@ def read_local(spec: str, column: str | None) -> tuple[list[Record], str]:
         ) from exc
     source = str(path)
     if suffix == ".txt":
-        prompts: list[Record] = [
+        records: list[Record] = [
             (line.strip(), None) for line in content.splitlines() if line.strip()
         ]
     elif suffix == ".json":
-        prompts = _parse_json(content, source, column)
+        records = _parse_json(content, source, column)
     elif suffix == ".jsonl":
-        prompts = _parse_jsonl(content, source, column)
+        records = _parse_jsonl(content, source, column)
     else:
-        prompts = _parse_csv(content, source, column)
-    return prompts, path.stem
+        records = _parse_csv(content, source, column)
+    return records, path.stem
 
 
 def _parse_json(content: str, source: str, column: str | None) -> list[Record]:
@@ -135,7 +135,7 @@ def _parse_jsonl(content: str, source: str, column: str | None) -> list[Record]:
 
 
 def _from_items(items: list[Any], source: str, column: str | None) -> list[Record]:
-    """Prompts from a list of strings, or of objects (records)."""
+    """Records from a list of strings, or of objects (rows)."""
     if all(isinstance(item, str) for item in items):
         if column is not None and items:
             raise DatasetError(
@@ -211,7 +211,7 @@ def _load_saved_dataset(path: Path, split: str | None, column: str | None) -> li
 def _from_records(
     columns: Sequence[str], rows: Iterable[dict[str, Any]], source: str, column: str | None
 ) -> list[Record]:
-    """Prompts from tabular records: pick the text column, keep the category where present."""
+    """Records from tabular rows: pick the text column, keep the category where present."""
     available = ", ".join(columns) or "(none)"
     if column is None:
         column = next((c for c in TEXT_COLUMNS if c in columns), None)

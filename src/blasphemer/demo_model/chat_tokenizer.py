@@ -66,6 +66,8 @@ def build_tokenizer(corpus: Sequence[str], vocab_size: int) -> PreTrainedTokeniz
 
 @dataclass
 class Encoded:
+    """A tokenised training batch: right-padded ids, answer labels and their loss weights."""
+
     input_ids: torch.Tensor  # [b, t], right-padded
     attention_mask: torch.Tensor
     labels: torch.Tensor  # -100 outside the answer
