@@ -244,6 +244,30 @@ def test_precedence_is_cli_then_env_then_toml_then_defaults(
     assert settings.max_batch_size == Settings.model_fields["max_batch_size"].default
 
 
+def test_a_preset_lies_beneath_the_config_file(
+    blasphemer: Callable[..., SimpleNamespace],
+    captured_settings: list[Settings],
+    tmp_path: Path,
+) -> None:
+    preset = tomllib.loads(
+        Path(cli.__file__).with_name("presets").joinpath("cpu-small.toml").read_text()
+    )
+    assert preset and set(preset) <= set(Settings.model_fields)
+    config = tmp_path / "settings.toml"
+    config.write_text("n_trials = 5\n")
+    assert blasphemer("run", "m/x", "--preset", "cpu-small").code == 0
+    assert blasphemer("run", "m/x", "--preset", "cpu-small", "--config", config).code == 0
+    assert blasphemer("run", "m/x", "--preset", "cpu-small", "--n-select-prompts", "7").code == 0
+    from_preset, with_file, with_option = captured_settings
+    for name, value in preset.items():
+        assert getattr(from_preset, name) == value, name
+        assert getattr(from_preset, name) != Settings.model_fields[name].default, name
+    assert with_file.n_trials == 5  # the file wins over the preset
+    assert with_file.n_select_prompts == preset["n_select_prompts"]
+    assert with_option.n_select_prompts == 7
+    _assert_one_line_error(blasphemer("run", "m/x", "--preset", "gpu-huge"), "cpu-small")
+
+
 def test_a_shorter_response_length_lowers_the_default_decision_length() -> None:
     # evaluate and chat have no --decided-after, so its default must follow --max-new-tokens.
     settings = Settings(max_new_tokens=4)

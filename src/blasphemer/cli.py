@@ -9,6 +9,7 @@ tracebacks only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -77,6 +78,15 @@ def _add_settings_options(
             )
 
 
+def _add_preset_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="Shipped settings for a kind of machine, beneath --config (cpu-small: a 0.5-1 B "
+        "model on a small CPU).",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="blasphemer", description="Remove refusal behaviour from a language model."
@@ -91,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = command(
         "run", "Optimise an ablation of MODEL and save the chosen result (the default command)."
     )
+    _add_preset_option(run)
     run.add_argument(
-        "model", nargs="?", default=None, help="Hugging Face model id or local folder."
+        "model", nargs="?", default=None, help="Hugging Face model id, local folder or .gguf file."
     )
     _add_settings_options(run)
 
@@ -111,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("evaluate", "Score MODEL's refusals and KL divergence against --base.")
     evaluate.add_argument("model", help="Model to score.")
-    evaluate.add_argument("--base", required=True, help="The original model it is compared with.")
+    _add_preset_option(evaluate)
+    evaluate.add_argument(
+        "--base", required=True, help="The original model it is compared with (or a .gguf file)."
+    )
+    evaluate.add_argument(
+        "--base-gguf-file", default=None, help="Name of the .gguf file inside the --base folder."
+    )
     evaluate.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
     _add_settings_options(
         evaluate,
@@ -129,23 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
             "device_map",
             "debug",
             "split_seed",
+            "gguf_file",
         ],
     )
 
     chat = command("chat", "Chat with a model folder in the terminal (streaming).")
-    chat.add_argument("model", help="Model folder or hub id.")
+    chat.add_argument("model", help="Model folder, hub id or .gguf file.")
     _add_settings_options(
-        chat, ["system_prompt", "max_new_tokens", "dtypes", "device_map", "debug"]
+        chat, ["system_prompt", "max_new_tokens", "dtypes", "device_map", "debug", "gguf_file"]
     )
 
     inspect = command(
         "inspect", "Print the layers and residual-stream writers Blasphemer edits in MODEL."
     )
-    inspect.add_argument("model", help="Model folder or hub id.")
+    inspect.add_argument("model", help="Model folder, hub id or .gguf file.")
     inspect.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
     _add_settings_options(
         inspect,
-        ["architecture_override", "trust_remote_code", "revision", "dtypes", "device_map", "debug"],
+        [
+            "architecture_override",
+            "trust_remote_code",
+            "revision",
+            "dtypes",
+            "device_map",
+            "debug",
+            "gguf_file",
+        ],
     )
     return parser
 
@@ -172,6 +198,8 @@ def _quiet_libraries(debug: bool) -> None:
         huggingface_hub.logging.set_verbosity_info()
     else:
         transformers.logging.set_verbosity_error()
+        # transformers' GGUF loader draws its own tqdm bar, outside its progress-bar switch.
+        os.environ.setdefault("TQDM_DISABLE", "1")
         # An unreachable hub logs every HTTP retry as a warning; our error line says it once.
         huggingface_hub.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -212,9 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
     values = {k: v for k, v in vars(namespace).items() if k in Settings.model_fields}
     config_file = namespace.config
+    preset = getattr(namespace, "preset", None)
     command = namespace.command
     if command == "run":
-        settings = load_settings(values, config_file)
+        settings = load_settings(values, config_file, preset)
         if settings.model is None:
             raise ConfigError(
                 "no model given; run `blasphemer MODEL` with a hub id or a local folder"
@@ -235,8 +264,9 @@ def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
     if command == "status":
         return commands.status(load_settings(values, config_file), console)
     if command == "evaluate":
-        settings = load_settings({**values, "model": namespace.model}, config_file)
-        return commands.evaluate(settings, namespace.base, namespace.json, console)
+        settings = load_settings({**values, "model": namespace.model}, config_file, preset)
+        base = commands.ModelRef(namespace.base, namespace.base_gguf_file)
+        return commands.evaluate(settings, base, namespace.json, console)
     if command == "chat":
         return commands.chat(
             load_settings({**values, "model": namespace.model}, config_file), console

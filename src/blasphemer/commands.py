@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import torch
 from transformers import TextIteratorStreamer
 
-from blasphemer import architectures, loading, preflight
+from blasphemer import architectures, gguf_source, loading, preflight
 from blasphemer.config import Settings
 from blasphemer.console import Console, tier
 from blasphemer.errors import ConfigError, StorageError
@@ -26,16 +27,26 @@ from blasphemer.optimization import (
 from blasphemer.workspace import ATTR_BUDGET, load_prompts
 
 
-def _load(settings: Settings, model: str | None = None) -> loading.LoadedModel:
-    name = model or settings.model
-    assert name is not None
+@dataclass(frozen=True)
+class ModelRef:
+    """A model named on the command line: id, folder or .gguf file, and the GGUF inside it."""
+
+    name: str
+    gguf_file: str | None = None
+
+
+def _load(settings: Settings, model: ModelRef | None = None) -> loading.LoadedModel:
+    if model is None:
+        assert settings.model is not None
+        model = ModelRef(settings.model, settings.gguf_file)
     return loading.load_model(
-        name,
+        model.name,
         dtypes=settings.dtypes,
         device_map=settings.device_map,
         quantization=settings.quantization,
         trust_remote_code=settings.trust_remote_code,
         revision=settings.revision,
+        gguf_file=model.gguf_file,
     )
 
 
@@ -48,6 +59,15 @@ def inspect(settings: Settings, as_json: bool, console: Console) -> int:
         else None
     )
     description = architectures.describe(architectures.resolve(loaded.model, override))
+    if loaded.gguf is not None and loaded.gguf.local_path is not None:
+        header = gguf_source.read_header(loaded.gguf.local_path)
+        description["gguf"] = {
+            "file": str(header.path),
+            "architecture": header.architecture,
+            "tensor_types": header.tensor_types,
+            "parameters": header.n_parameters,
+            "chat_template": header.has_chat_template,
+        }
     if as_json:
         console.info(json.dumps(description, indent=2))
         return 0
@@ -64,9 +84,10 @@ def inspect(settings: Settings, as_json: bool, console: Console) -> int:
     return 0
 
 
-def evaluate(settings: Settings, base: str, as_json: bool, console: Console) -> int:
+def evaluate(settings: Settings, base_ref: ModelRef, as_json: bool, console: Console) -> int:
     """Refusals (report split, full length) and KL of ``settings.model`` against ``base``."""
-    base_loaded = _load(settings, base)
+    base = base_ref.name
+    base_loaded = _load(settings, base_ref)
     prompts = load_prompts(settings, base_loaded.tokenizer)
     batch = settings.batch_size or 16
     kl = KLScorer(base_loaded, prompts.harmless.report, batch_size=batch)

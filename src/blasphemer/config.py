@@ -1,12 +1,14 @@
 """One typed settings object for every command.
 
-Precedence: command line > environment (``BLASPHEMER_*``) > TOML file (``--config``) > defaults.
+Precedence: command line > environment (``BLASPHEMER_*``) > TOML file (``--config``) > preset
+(``--preset``, a TOML file shipped in ``blasphemer/presets/``) > defaults.
 Each field's ``description`` doubles as its ``--help`` text; ``config.default.toml`` documents
 every field with its default (a test keeps the two in sync).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 import tomllib
 from contextvars import ContextVar
@@ -47,7 +49,13 @@ class Settings(BaseSettings):
     )
 
     # --- model ---------------------------------------------------------------------------
-    model: str | None = Field(None, description="Hugging Face model id or local model folder.")
+    model: str | None = Field(
+        None, description="Hugging Face model id, local model folder, or a .gguf file."
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="Name of the .gguf file to load inside the model folder or hub repository.",
+    )
     revision: str | None = Field(
         None, description="Model revision (branch, tag or commit) on the hub."
     )
@@ -243,9 +251,31 @@ def read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -> Settings:
-    """Build :class:`Settings` from command-line values (None = not given), env and a TOML file."""
-    toml = read_toml(config_file) if config_file is not None else {}
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package (``--preset NAME``)."""
+    folder = importlib.resources.files("blasphemer") / "presets"
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
+
+
+def preset_path(name: str) -> Path:
+    """The TOML file of the shipped preset ``name``; a one-line ConfigError if there is none."""
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    return Path(str(importlib.resources.files("blasphemer") / "presets" / f"{name}.toml"))
+
+
+def load_settings(
+    cli_values: dict[str, Any], config_file: Path | None = None, preset: str | None = None
+) -> Settings:
+    """Build :class:`Settings` from command-line values (None = not given), env and TOML files.
+
+    A ``preset`` is a shipped TOML file read beneath ``config_file``: the file's values win.
+    """
+    toml = read_toml(preset_path(preset)) if preset is not None else {}
+    if config_file is not None:
+        toml.update(read_toml(config_file))
     given = {key: value for key, value in cli_values.items() if value is not None}
     token = _toml_values.set(toml)
     try:

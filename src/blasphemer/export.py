@@ -88,8 +88,10 @@ def _json_number(value: float) -> float | str:
 
 
 def _source_dirs(loaded: LoadedLike) -> list[Path]:
+    # Model folders only: the folder that merely holds a source .gguf file is no model folder.
     names = [loaded.model_id, getattr(loaded.model, "name_or_path", None)]
-    return [Path(n).expanduser().resolve() for n in names if n and Path(n).expanduser().is_dir()]
+    folders = [Path(n).expanduser() for n in names if n]
+    return [f.resolve() for f in folders if (f / "config.json").is_file()]
 
 
 def check_output_dir(output_dir: Path, source_dirs: Sequence[Path] = ()) -> Path:
@@ -250,11 +252,13 @@ def model_card(
     trial_number: int,
     scores: HeldOutScores | None = None,
     hub_base_model: bool = True,
+    gguf_source: Mapping[str, str] | None = None,
 ) -> str:
     """Markdown model card with YAML front matter, the edit and its held-out scores.
 
     ``hub_base_model=False`` (a local source folder) leaves ``base_model`` out of the front
-    matter, which the Hub expects to be a repository id.
+    matter, which the Hub expects to be a repository id. ``gguf_source`` (``file`` and
+    ``sha256``) names the GGUF the weights were dequantised from.
     """
     front = ["---"]
     if hub_base_model:
@@ -267,6 +271,17 @@ def model_card(
         f"`{base_model}` with its refusal direction removed from the weights by directional "
         f"ablation, made with Blasphemer {__version__} (trial {trial_number} of its study).",
         "",
+    ]
+    if gguf_source is not None:
+        body += [
+            "## Source",
+            "",
+            f"Loaded from the GGUF file `{gguf_source['file']}` (sha256 `{gguf_source['sha256']}`),"
+            " dequantised by transformers; the weights here are its float values with the edit "
+            "merged in.",
+            "",
+        ]
+    body += [
         "## Edit",
         "",
         *parameters_table(parameters),

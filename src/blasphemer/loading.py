@@ -34,7 +34,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from blasphemer import gguf_source
 from blasphemer.errors import ConfigError, ModelLoadError
+from blasphemer.gguf_source import GgufSource
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class LoadedModel:
     revision: str | None
     dtype: torch.dtype
     processor: Any | None = None  # multimodal checkpoints only
+    gguf: GgufSource | None = None  # set when the weights came from a GGUF file
 
     @property
     def input_device(self) -> torch.device:
@@ -72,8 +75,14 @@ def load_model(
     quantization: str = "none",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    gguf_file: str | None = None,
 ) -> LoadedModel:
-    """Load ``model_id`` (hub id or local folder) in the first of ``dtypes`` that works.
+    """Load ``model_id`` (hub id, local folder or ``.gguf`` file) in the first working dtype.
+
+    A GGUF (``model_id`` ending in ``.gguf``, or a folder or hub repository with ``gguf_file``
+    naming the file in it) is dequantised by transformers into plain float layers of the
+    chosen dtype; its header is checked first (see :mod:`blasphemer.gguf_source`), the file is
+    only read, and the loaded model saves as an ordinary safetensors folder.
 
     ``"auto"`` in ``dtypes`` means the checkpoint's own dtype. A dtype "works" when the model
     loads and its next-token logits for a short prompt are all finite; a failed attempt is freed
@@ -93,19 +102,20 @@ def load_model(
     if quantization == "bnb_4bit":
         _check_bnb_available()
 
-    _check_local_path(model_id)
-    config = _load_config(model_id, revision, trust_remote_code)
+    gguf = gguf_source.resolve_source(model_id, gguf_file)
+    if gguf is None:
+        _check_local_path(model_id)
+    else:
+        _check_gguf(gguf, quantization)
+    source = _Source(model_id if gguf is None else gguf.location, revision, trust_remote_code, gguf)
+    config = _load_config(source)
     model_class = _model_class(config)
     _check_remote_code(model_id, config, model_class, trust_remote_code)
-    processor = (
-        _load_processor(model_id, revision, trust_remote_code) if _is_multimodal(config) else None
-    )
-    tokenizer = _load_tokenizer(model_id, revision, trust_remote_code, processor)
+    processor = _load_processor(source) if _is_multimodal(config) and gguf is None else None
+    tokenizer = _load_tokenizer(source, processor)
     device_map = _resolve_device_map(device_map)
 
-    request = _Request(
-        model_id, revision, trust_remote_code, device_map, quantization, config, model_class
-    )
+    request = _Request(source, device_map, quantization, config, model_class)
     failures: list[str] = []
     for dtype in _candidate_dtypes(dtypes, config):
         model, reason = _try_load(request, dtype, tokenizer)
@@ -114,7 +124,7 @@ def load_model(
             generation_config = getattr(model, "generation_config", None)
             if generation_config is not None and generation_config.pad_token_id is None:
                 generation_config.pad_token_id = tokenizer.pad_token_id
-            return LoadedModel(model, tokenizer, model_id, revision, dtype, processor)
+            return LoadedModel(model, tokenizer, model_id, revision, dtype, processor, gguf)
         failures.append(f"{_dtype_name(dtype)}: {reason}")
         logger.warning("loading %s as %s failed: %s", model_id, dtype, reason)
     raise ModelLoadError(
@@ -124,12 +134,33 @@ def load_model(
 
 
 @dataclass(frozen=True)
+class _Source:
+    """Where from_pretrained reads: a folder or hub id, and the GGUF file in it if any."""
+
+    location: str
+    revision: str | None
+    trust_remote_code: bool
+    gguf: GgufSource | None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments every from_pretrained call of this source takes."""
+        extra: dict[str, Any] = {"revision": self.revision}
+        if self.trust_remote_code:
+            extra["trust_remote_code"] = True
+        if self.gguf is not None:
+            extra["gguf_file"] = self.gguf.filename
+        return extra
+
+    @property
+    def shown(self) -> str:
+        return self.location if self.gguf is None else self.gguf.describe()
+
+
+@dataclass(frozen=True)
 class _Request:
     """What stays the same across the dtype attempts of one :func:`load_model` call."""
 
-    model_id: str
-    revision: str | None
-    trust_remote_code: bool
+    source: _Source
     device_map: str | dict[str, Any]
     quantization: str
     config: PretrainedConfig
@@ -174,23 +205,40 @@ def _check_local_path(model_id: str) -> None:
         raise ModelLoadError(f"model folder {model_id} does not exist; check the path")
 
 
-def _load_config(model_id: str, revision: str | None, trust_remote_code: bool) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(
-            model_id, revision=revision, trust_remote_code=trust_remote_code
+def _check_gguf(gguf: GgufSource, quantization: str) -> None:
+    if quantization != "none":
+        raise ConfigError(
+            "a GGUF is dequantised on loading; drop --quantization (or load the original weights)"
         )
+    path = gguf.local_path
+    if path is not None:  # a hub file is checked by transformers after the download
+        gguf_source.check_loadable(gguf_source.read_header(path))
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("loading a GGUF needs the gguf package; run `pip install gguf`")
+
+
+def _load_config(source: _Source) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(source.location, **source.kwargs())
     except ValueError as error:
         if "trust_remote_code" in str(error):
-            raise _remote_code_error(model_id) from error
+            raise _remote_code_error(source.shown) from error
         raise ModelLoadError(
-            f"transformers does not recognise the config of {model_id} ({_first_line(error)}); "
-            "upgrade transformers or pass --trust-remote-code if the model ships its own code"
+            f"transformers does not recognise the config of {source.shown} "
+            f"({_first_line(error)}); upgrade transformers or pass --trust-remote-code if the "
+            "model ships its own code"
         ) from error
     except OSError as error:
         raise ModelLoadError(
-            f"cannot read the config of {model_id} ({_first_line(error)}); "
+            f"cannot read the config of {source.shown} ({_first_line(error)}); "
             "check the name and revision, your network, or pass a local model folder"
         ) from error
+    if source.gguf is not None and not getattr(config, "architectures", None):
+        # A GGUF names its architecture only in its metadata; the saved config.json should.
+        mapping = _model_class(config)._model_mapping
+        if type(config) in mapping:
+            config.architectures = [mapping[type(config)].__name__]
+    return config
 
 
 def _remote_code_error(model_id: str) -> ModelLoadError:
@@ -238,39 +286,37 @@ def _check_remote_code(
         )
 
 
-def _load_processor(model_id: str, revision: str | None, trust_remote_code: bool) -> Any | None:
+def _load_processor(source: _Source) -> Any | None:
     # Only the tokenizer is needed to measure and edit; a checkpoint without processor files
     # (text tower saved alone, or an incomplete upload) still loads, just without a processor.
     try:
-        return AutoProcessor.from_pretrained(
-            model_id, revision=revision, trust_remote_code=trust_remote_code
-        )
+        return AutoProcessor.from_pretrained(source.location, **source.kwargs())
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning(
-            "no processor for %s (%s); continuing with the tokenizer alone", model_id, error
+            "no processor for %s (%s); continuing with the tokenizer alone", source.shown, error
         )
         return None
 
 
-def _load_tokenizer(
-    model_id: str, revision: str | None, trust_remote_code: bool, processor: Any | None
-) -> PreTrainedTokenizerBase:
+def _load_tokenizer(source: _Source, processor: Any | None) -> PreTrainedTokenizerBase:
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                model_id, revision=revision, trust_remote_code=trust_remote_code
-            )
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs())
         except (OSError, ValueError, KeyError, TypeError) as error:
+            where = (
+                "the GGUF needs tokenizer.ggml.* metadata"
+                if source.gguf is not None
+                else "the model folder needs tokenizer.json or tokenizer_config.json"
+            )
             raise ModelLoadError(
-                f"cannot load the tokenizer of {model_id} ({_first_line(error)}); "
-                "the model folder needs tokenizer.json or tokenizer_config.json"
+                f"cannot load the tokenizer of {source.shown} ({_first_line(error)}); {where}"
             ) from error
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(
-                f"the tokenizer of {model_id} has neither a pad nor an eos token; "
+                f"the tokenizer of {source.shown} has neither a pad nor an eos token; "
                 "set pad_token in its tokenizer_config.json"
             )
         tokenizer.pad_token = tokenizer.eos_token
@@ -309,14 +355,13 @@ def _try_load(
     request: _Request, dtype: torch.dtype, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[PreTrainedModel | None, str]:
     """One attempt: the model on success, else ``None`` and the reason (memory already freed)."""
-    model_id = request.model_id
+    source = request.source
+    model_id = source.shown
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "device_map": request.device_map,
-        "revision": request.revision,
+        **source.kwargs(),
     }
-    if request.trust_remote_code:
-        kwargs["trust_remote_code"] = True
     if request.quantization == "bnb_4bit":
         from transformers import BitsAndBytesConfig
 
@@ -330,7 +375,9 @@ def _try_load(
     try:
         # A fresh copy each attempt: from_pretrained records dtype and quantisation on the config.
         config = copy.deepcopy(request.config)
-        model = request.model_class.from_pretrained(model_id, config=config, **kwargs)
+        model = request.model_class.from_pretrained(source.location, config=config, **kwargs)
+        if source.gguf is not None:
+            _forget_gguf_quantizer(model)
         model.eval()
         model.requires_grad_(False)
         if _next_token_logits_finite(model, tokenizer):
@@ -353,6 +400,18 @@ def _try_load(
     del model
     _free_memory()
     return None, reason
+
+
+def _forget_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Drop the GGUF "quantizer" transformers attaches to a dequantised load.
+
+    The layers are plain float layers already; the marker only makes ``save_pretrained``
+    refuse ("quantized with gguf and is not serializable") and editing code treat the weights
+    as quantised.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
 
 
 def _next_token_logits_finite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from blasphemer import architectures, loading, preflight, stages
+from blasphemer import architectures, loading, stages
 from blasphemer.config import Settings
 from blasphemer.console import Console
 from blasphemer.directions import Directions
@@ -76,9 +76,8 @@ def _run(settings: Settings, console: Console) -> Outcome:
     assert settings.model is not None
     clock = _Stopwatch()
     console.stage(1, STAGES, "Preflight")
-    source = preflight.check_model_path(settings.model)
     target = stages.output_dir(settings, settings.model)
-    stages.preflight_checks(settings, source, target, console)
+    stages.preflight_checks(settings, target, console)
 
     clock.lap("preflight")
     console.stage(2, STAGES, f"Loading {settings.model}")

@@ -17,6 +17,7 @@ import psutil
 import sqlalchemy
 import torch
 
+from blasphemer import gguf_source
 from blasphemer.errors import ExportError, ModelLoadError, StorageError
 from blasphemer.optimization.study import normalize_url, redact_url
 
@@ -71,6 +72,36 @@ def check_model_path(model: str) -> Path | None:
             f"{model} is not a model folder (no config.json); pass the folder save_pretrained wrote"
         )
     return path.resolve()
+
+
+def check_gguf(model: str, gguf_file: str | None) -> gguf_source.GgufHeader | None:
+    """The checked header of a local GGUF source, None for other models (or a hub GGUF).
+
+    Raises one line when the file is missing, not a GGUF, truncated, split, or of an
+    architecture or tensor type that cannot be loaded.
+    """
+    source = gguf_source.resolve_source(model, gguf_file)
+    path = None if source is None else source.local_path
+    if path is None:
+        return None
+    header = gguf_source.read_header(path)
+    gguf_source.check_loadable(header)
+    return header
+
+
+def estimate_gguf(
+    header: gguf_source.GgufHeader, dtypes: list[str], device_map: str, quantization: str
+) -> Budget:
+    """Memory for a GGUF dequantised into the first requested dtype ("auto" is float32)."""
+    wanted = next((d for d in dtypes if d != "auto"), "float32") if dtypes[0] != "auto" else None
+    in_memory = header.n_parameters * _BYTES_PER_DTYPE[wanted or "float32"]
+    return Budget(
+        weights_on_disk=in_memory,  # the saved safetensors folder holds the dequantised weights
+        weights_in_memory=int(in_memory * _HEADROOM),
+        ram_available=int(psutil.virtual_memory().available),
+        disk_available=None,
+        gpu_available=gpu_memory_available(device_map),
+    )
 
 
 def weights_size(folder: Path) -> int:

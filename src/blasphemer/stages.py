@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from blasphemer import architectures, export, loading, preflight, report
+from blasphemer import architectures, export, gguf_source, loading, preflight, report
 from blasphemer.config import Settings
 from blasphemer.console import Console, TrialMonitor, tier
 from blasphemer.directions import Directions, compute_directions
@@ -59,18 +59,22 @@ def output_dir(settings: Settings, model_id: str) -> Path:
     return settings.output_dir or Path(f"{slug(model_id)}-blasphemer")
 
 
-def preflight_checks(
-    settings: Settings, source: Path | None, output_dir: Path, console: Console
-) -> None:
+def preflight_checks(settings: Settings, output_dir: Path, console: Console) -> None:
     # Options that would otherwise fail only after the model is loaded or the study has run.
+    assert settings.model is not None
+    gguf = preflight.check_gguf(settings.model, settings.gguf_file)
+    source = gguf.path if gguf is not None else preflight.check_model_path(settings.model)
     if settings.select is not None:
         parse_rule(settings.select)
     if settings.storage is not None:
         preflight.check_storage_url(settings.storage)
     needed = 0
     if source is not None:
-        budget = preflight.estimate(
-            source, settings.dtypes, settings.device_map, settings.quantization
+        quantization = settings.quantization
+        budget = (
+            preflight.estimate_gguf(gguf, settings.dtypes, settings.device_map, quantization)
+            if gguf is not None
+            else preflight.estimate(source, settings.dtypes, settings.device_map, quantization)
         )
         preflight.check_memory(budget, settings.dtypes)
         needed = budget.weights_on_disk
@@ -96,6 +100,7 @@ def load_model(settings: Settings) -> loading.LoadedModel:
         quantization=settings.quantization,
         trust_remote_code=settings.trust_remote_code,
         revision=settings.revision,
+        gguf_file=settings.gguf_file,
     )
 
 
@@ -322,6 +327,17 @@ def held_out(
     return scores
 
 
+def gguf_record(loaded: loading.LoadedModel) -> dict[str, str] | None:
+    """The GGUF a model was loaded from, with the sha256 of a local file (None otherwise)."""
+    if loaded.gguf is None:
+        return None
+    path = loaded.gguf.local_path
+    return {
+        "file": loaded.gguf.describe(),
+        "sha256": gguf_source.sha256_of(path) if path is not None else "unknown (hub file)",
+    }
+
+
 def choose(
     settings: Settings, results: list[TrialResult], front: list[TrialResult], console: Console
 ) -> TrialResult | None:
@@ -362,12 +378,14 @@ def save(
     ):
         return
     held = held_out.get(chosen.number)
+    gguf = gguf_record(loaded)
     card = export.model_card(
         base_model=loaded.model_id,
         parameters=chosen.parameters,
         trial_number=chosen.number,
         scores=held,
-        hub_base_model=preflight.check_model_path(loaded.model_id) is None,
+        hub_base_model=not preflight.is_local_model(loaded.model_id) and loaded.gguf is None,
+        gguf_source=gguf,
     )
     folder = export.save_merged(
         loaded, model_map, directions, chosen.parameters, output_dir, card=card, overwrite=True
@@ -381,6 +399,7 @@ def save(
         held_out=held,
         extra={
             "model_id": loaded.model_id,
+            "gguf_source": gguf,
             "held_out_front": {k: v.to_dict() for k, v in held_out.items()},
             "timings_s": dict(timings or {}),
         },

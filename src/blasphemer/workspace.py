@@ -138,8 +138,11 @@ def build_scorers(settings: Settings, loaded: LoadedModel, prompts: Prompts, bat
 
 
 def model_digest(model_id: str) -> str:
-    """Cheap identity of a local model folder: its config and the names and sizes of its files."""
+    """Cheap identity of a local model: a folder's config and the names and sizes of its files,
+    or a single file's (a GGUF) name and size; ``"hub"`` for hub ids."""
     folder = Path(model_id).expanduser()
+    if folder.is_file():
+        return hashlib.sha256(f"{folder.name}:{folder.stat().st_size}".encode()).hexdigest()[:16]
     if not folder.is_dir():
         return "hub"
     hasher = hashlib.sha256((folder / "config.json").read_bytes())
