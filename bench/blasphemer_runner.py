@@ -175,7 +175,7 @@ def batch_size_from(lines: Sequence[tuple[float, str]]) -> int | None:
 
 
 def recorded_timings(results_json: Path) -> dict[str, Any]:
-    """Stage timings the run recorded itself (``results.json`` key ``timings``), if any.
+    """Stage timings the run recorded itself (``results.json`` key ``timings_s``), if any.
 
     The benchmarks time stages from console lines, the same way for both tools; these are kept
     beside them in the results as a cross-check once ``blasphemer run`` records them.
@@ -184,7 +184,7 @@ def recorded_timings(results_json: Path) -> dict[str, Any]:
         record = json.loads(results_json.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
-    timings = record.get("timings")
+    timings = record.get("timings_s")
     return dict(timings) if isinstance(timings, dict) else {}
 
 

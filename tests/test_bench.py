@@ -548,3 +548,17 @@ def test_scaling_merge_takes_medians_over_repeats() -> None:
     assert [cell.strip() for cell in row.strip("|").split("|")][:7] == [
         "2", "64", "1.00", "50", "32", "16", "2.00"
     ]  # fmt: skip
+
+
+def test_recorded_timings_are_read_from_the_key_the_run_writes(tmp_path: Path) -> None:
+    from blasphemer.export import write_results
+
+    path = write_results(
+        tmp_path / "results.json",
+        settings={},
+        trials=[],
+        front=[],
+        chosen=None,
+        extra={"timings_s": {"load": 1.5, "trials": 9.0}},
+    )
+    assert blasphemer_runner.recorded_timings(path) == {"load": 1.5, "trials": 9.0}

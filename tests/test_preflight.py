@@ -1,13 +1,21 @@
-"""Preflight memory accounting (the CLI tests cover the errors it raises)."""
+"""Preflight: memory accounting, storage, folders and model files (the CLI tests cover how
+its errors reach the user)."""
 
 from __future__ import annotations
 
+import socket
+import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from blasphemer import preflight
+from blasphemer.errors import ConfigError, ModelLoadError, StorageError
 from blasphemer.preflight import Budget
 
 GIB = 2**30
@@ -44,3 +52,78 @@ def test_gpu_memory_counts_only_when_the_device_map_may_use_it(
         budget = preflight.estimate(tmp_path, ["auto"], device_map, "none")
         assert (budget.ram_available, budget.gpu_available) == (GIB, gpu)
         assert budget.memory_available == GIB + gpu
+
+
+# --- storage, folders and model files: checked before the model loads ----------------------------
+
+
+def test_sqlite_storage_checks_create_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'new' / 'deeper' / 'study.db'}"
+    preflight.check_storage(url)
+    assert list(tmp_path.iterdir()) == []  # the folder is probed, not created
+    existing = tmp_path / "ok.db"
+    sqlite3.connect(existing).close()
+    existing.write_bytes(b"")  # an empty file is a fresh database to SQLite
+    preflight.check_storage(f"sqlite:///{existing}")
+    preflight.check_storage("sqlite:///:memory:")
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda t: f"sqlite:///{t}", "names a folder"),
+        (lambda t: f"sqlite:///{_text(t / 'a.db')}", "not an SQLite database"),
+        (lambda t: "sqlite:////proc/blasphemer-test/s.db", "not writable"),
+        (lambda t: "nosuchdb://x", "cannot use storage URL"),
+    ],
+    ids=["folder", "not-sqlite", "unwritable", "dialect"],
+)
+def test_bad_sqlite_storage(tmp_path: Path, make: Callable[[Path], str], needle: str) -> None:
+    with pytest.raises(StorageError, match=needle):
+        preflight.check_storage(make(tmp_path))
+
+
+def _text(path: Path) -> Path:
+    path.write_text("not a database")
+    return path
+
+
+def test_a_silent_server_times_out_in_seconds() -> None:
+    # A loopback socket that accepts connections and never answers: only the timeout ends it.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="timeout") as error:
+            preflight.check_storage(f"postgresql://u:pw-9@127.0.0.1:{port}/db", timeout_s=1)
+        assert time.monotonic() - started < 4
+    assert "pw-9" not in str(error.value) and "u:***@" in str(error.value)
+
+
+def test_writable_folder_check(tmp_path: Path) -> None:
+    preflight.check_writable_folder(tmp_path / "a" / "b", "--run-dir")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        preflight.check_writable_folder(tmp_path / "file", "--run-dir")
+    with pytest.raises(ConfigError, match="cannot write"):
+        preflight.check_writable_folder(Path("/proc/blasphemer-test"), "--run-dir")
+
+
+def test_weight_headers_are_checked_without_loading(tmp_path: Path) -> None:
+    save_file({"w": torch.zeros(4, 4)}, tmp_path / "model-00001.safetensors")
+    preflight.check_weight_files(tmp_path)
+    whole = (tmp_path / "model-00001.safetensors").read_bytes()
+    (tmp_path / "model-00002.safetensors").write_bytes(whole[:-8])
+    with pytest.raises(ModelLoadError, match=r"model-00002\.safetensors is corrupt or truncated"):
+        preflight.check_weight_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content", [b"\xff\xfe{", b'{"model_type": ', b"[1, 2]"], ids=["binary", "cut", "list"]
+)
+def test_config_file_must_be_a_json_object(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
+        preflight.check_model_path(str(tmp_path))

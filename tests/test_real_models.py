@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -215,6 +216,8 @@ def test_short_run_from_the_qwen_gguf(tmp_path: Path, capsys: pytest.CaptureFixt
             "6",
             "--dtypes",
             "float32",
+            "--gguf",
+            "q8_0",
             "--yes",
             "--quiet",
             "--run-dir",
@@ -232,6 +235,29 @@ def test_short_run_from_the_qwen_gguf(tmp_path: Path, capsys: pytest.CaptureFixt
     config = json.loads((output / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
     assert "quantization_config" not in config
-    assert list(output.glob("*.safetensors")) and not list(output.glob("*.gguf"))
+    assert list(output.glob("*.safetensors"))
     assert _sha256(path) == pinned
     assert len(results["trials"]) == 2
+    _check_gguf_export(output, results["gguf_export"], path)
+
+
+def _check_gguf_export(output: Path, record: dict[str, object], source: Path) -> None:
+    """The GGUF written beside the weights: source tensors kept, and the same model."""
+    exported = output / str(record["file"])
+    assert _sha256(exported) == record["sha256"]
+    assert str(record["sha256"]) in (output / "README.md").read_text()
+    ours = {t.name: t for t in gguf.GGUFReader(str(exported)).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
+    assert ours.keys() == theirs.keys()
+    rewritten = {str(r["name"]) for r in record["rewritten"]}  # type: ignore[attr-defined]
+    assert rewritten and all(".attn_output." in n or ".ffn_down." in n for n in rewritten)
+    for name, tensor in ours.items():
+        same = bytes(tensor.data.tobytes()) == bytes(theirs[name].data.tobytes())
+        assert same == (name not in rewritten), name
+    saved = load_model(str(output), dtypes=["float32"], device_map="cpu")
+    reread = load_model(str(exported), dtypes=["float32"], device_map="cpu")
+    texts = _texts(saved, "harmless")
+    p = torch.log_softmax(_logits(saved, texts).double(), -1)
+    q = torch.log_softmax(_logits(reread, texts).double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert float(kl.mean()) <= 0.01, kl  # q8_0 for the edited tensors, source bytes elsewhere

@@ -21,7 +21,7 @@ from blasphemer.config import Settings, load_settings
 from blasphemer.console import Console
 from blasphemer.errors import BlasphemerError, ConfigError
 
-SUBCOMMANDS = ("run", "demo", "worker", "status", "evaluate", "chat", "inspect")
+SUBCOMMANDS = ("run", "demo", "worker", "status", "evaluate", "chat", "inspect", "export-gguf")
 
 # Settings that are positional or special per subcommand, not generated as --options.
 _POSITIONAL = {"model"}
@@ -173,6 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
             "gguf_file",
         ],
     )
+    export_gguf = command(
+        "export-gguf", "Write a saved model folder as one GGUF file for llama.cpp and friends."
+    )
+    export_gguf.add_argument("model", type=Path, help="Folder of a saved (edited) model.")
+    export_gguf.add_argument("output", type=Path, help="The .gguf file to write.")
+    export_gguf.add_argument(
+        "--type",
+        dest="gguf_type",
+        default=None,
+        choices=["f16", "bf16", "q8_0"],
+        help="Tensor type (default f16; from a source GGUF only edited tensors that cannot keep "
+        "their source type use it, default q8_0).",
+    )
+    export_gguf.add_argument("--force", action="store_true", help="Overwrite an existing file.")
+    export_gguf.add_argument(
+        "--source-gguf",
+        type=Path,
+        default=None,
+        help="The GGUF the model was loaded from (default: the one its results.json names, "
+        "if it is still there unchanged); unedited tensors are copied from it byte for byte.",
+    )
+    _add_settings_options(export_gguf, ["debug"])
     return parser
 
 
@@ -274,6 +296,15 @@ def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
     if command == "inspect":
         settings = load_settings({**values, "model": namespace.model}, config_file)
         return commands.inspect(settings, namespace.json, console)
+    if command == "export-gguf":
+        return commands.export_gguf(
+            namespace.model,
+            namespace.output,
+            gguf_type=namespace.gguf_type,
+            force=namespace.force,
+            source_gguf=namespace.source_gguf,
+            console=console,
+        )
     raise ConfigError(f"unknown command {command!r}; choose one of {', '.join(SUBCOMMANDS)}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -187,7 +188,7 @@ def status(settings: Settings, console: Console) -> int:
     if settings.storage is None or settings.study_name is None:
         raise ConfigError("status needs --storage URL and --study-name NAME")
     shown = redact_url(settings.storage)
-    preflight.check_storage_url(settings.storage)
+    preflight.check_storage(settings.storage)
     storage = open_storage(settings.storage)
     try:
         study = optuna.load_study(study_name=settings.study_name, storage=storage)
@@ -221,3 +222,46 @@ def status(settings: Settings, console: Console) -> int:
         )
     console.table("current Pareto front", ["trial", "refusals", "KL", "tier"], rows)
     return 0
+
+
+def export_gguf(
+    model_dir: Path,
+    output: Path,
+    *,
+    gguf_type: str | None,
+    force: bool,
+    source_gguf: Path | None,
+    console: Console,
+) -> int:
+    """``blasphemer export-gguf``: one GGUF file from a saved model folder."""
+    from blasphemer import gguf_export
+
+    if source_gguf is None:
+        source_gguf = _recorded_source(model_dir, console)
+    result = gguf_export.export_gguf(
+        model_dir, output, type=gguf_type, force=force, source_gguf=source_gguf
+    )
+    record = gguf_export.describe(result)
+    for note in result.notes:
+        console.warn(note)
+    console.info(f"wrote {result.path} ({record['summary']}); sha256 {result.sha256}")
+    return 0
+
+
+def _recorded_source(model_dir: Path, console: Console) -> Path | None:
+    """The GGUF ``model_dir/results.json`` says the model came from, if unchanged on disk."""
+    try:
+        recorded = json.loads((model_dir / "results.json").read_text()).get("gguf_source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(recorded, dict) or not recorded.get("file"):
+        return None
+    path = Path(recorded["file"])
+    if not path.is_file() or gguf_source.sha256_of(path) != recorded.get("sha256"):
+        console.warn(
+            f"the source GGUF {path} named in results.json is gone or changed; "
+            "writing every tensor anew (pass --source-gguf to copy from a file)"
+        )
+        return None
+    console.info(f"copying unedited tensors from the source GGUF {path}")
+    return path

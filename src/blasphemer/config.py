@@ -184,6 +184,11 @@ class Settings(BaseSettings):
     output_dir: Path | None = Field(
         None, description="Where the merged model, results.json and report go."
     )
+    gguf: Literal["f16", "bf16", "q8_0"] | None = Field(
+        None,
+        description="Also write the saved model as a GGUF file of this type for llama.cpp "
+        "(from a GGUF source: unedited tensors copied, edited ones in their source type).",
+    )
     select: str | None = Field(
         None,
         description='Trial to save: a trial number, "lowest-kl:refusals<=0.05", '
@@ -239,9 +244,10 @@ def read_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; check the --config path") from None
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        reason = " ".join(str(error).split())
         raise ConfigError(
-            f"cannot read config file {path}: {error}; fix the file or drop --config"
+            f"cannot read config file {path}: {reason}; fix the file (UTF-8 TOML) or drop --config"
         ) from None
     unknown = sorted(set(data) - set(Settings.model_fields))
     if unknown:

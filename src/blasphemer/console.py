@@ -119,8 +119,9 @@ class Console:
         self._err.print(f"[yellow]warning:[/] {escape(message)}")
 
     def error(self, message: str) -> None:
-        """One line on standard error; the caller decides the exit code."""
-        self._err.print(f"[bold red]error:[/] {escape(message)}")
+        """One line on standard error (line breaks in ``message`` become spaces)."""
+        line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+        self._err.print(f"[bold red]error:[/] {escape(line)}")
 
     def exception(self) -> None:
         self._err.print_exception()

@@ -11,6 +11,7 @@ folder to the Hugging Face Hub with the token from ``HF_TOKEN`` (or a stored log
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
 import torch
 
 from blasphemer import __version__
@@ -113,12 +115,48 @@ def check_output_dir(output_dir: Path, source_dirs: Sequence[Path] = ()) -> Path
     return target
 
 
+OUTPUT_MARKER = ".blasphemer-output"  # in every saved folder: a later run may replace it
+_LEFTOVER_KINDS = ("partial", "old")  # staging folders and replaced outputs beside a target
+
+
+def is_blasphemer_output(folder: Path) -> bool:
+    """True when ``folder`` was written by :func:`save_merged` (so a new save may replace it)."""
+    return (folder / OUTPUT_MARKER).is_file() or (folder / "results.json").is_file()
+
+
+def _leftover_prefix(target: Path, kind: str, pid: int | None = None) -> str:
+    return f".{target.name}.{kind}-" + ("" if pid is None else f"{pid}-")
+
+
+def clean_leftovers(target: Path) -> list[Path]:
+    """Remove the staging and replaced folders that killed saves left beside ``target``.
+
+    A save stages into ``.NAME.partial-PID-*`` (and moves a replaced output to
+    ``.NAME.old-PID-*``); a process killed meanwhile leaves them behind. Folders of processes
+    that are still running are kept (they may be saving right now). Returns what was removed.
+    """
+    removed: list[Path] = []
+    if not target.parent.is_dir():
+        return removed
+    for kind in _LEFTOVER_KINDS:
+        prefix = _leftover_prefix(target, kind)
+        for path in target.parent.glob(f"{glob.escape(prefix)}*"):
+            pid_text = path.name.removeprefix(prefix).partition("-")[0]
+            alive = pid_text.isdigit() and psutil.pid_exists(int(pid_text))
+            if path.is_dir() and not alive:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
 @contextmanager
 def _staging_dir(target: Path) -> Iterator[Path]:
     """A fresh temporary folder beside ``target`` (same filesystem, so the rename is atomic)."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        clean_leftovers(target)
+        prefix = _leftover_prefix(target, "partial", os.getpid())
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     except OSError as error:
         raise ExportError(
             f"cannot write to {target}: {error.strerror or error}; choose a writable --output-dir"
@@ -135,7 +173,8 @@ def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
             raise ExportError(
                 f"output folder {target} is not empty; choose another --output-dir or remove it"
             )
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        prefix = _leftover_prefix(target, "old", os.getpid())
+        old = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
         os.replace(target, old / target.name)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
@@ -207,6 +246,7 @@ def save_merged(
                 loaded.processor.save_pretrained(staging)
             if card is not None:
                 (staging / "README.md").write_text(card, encoding="utf-8")
+            (staging / OUTPUT_MARKER).write_text(f"blasphemer {__version__}\n", encoding="utf-8")
             _move_into_place(staging, target, overwrite)
         except OSError as error:
             raise ExportError(
@@ -253,12 +293,14 @@ def model_card(
     scores: HeldOutScores | None = None,
     hub_base_model: bool = True,
     gguf_source: Mapping[str, str] | None = None,
+    gguf_export: Mapping[str, object] | None = None,
 ) -> str:
     """Markdown model card with YAML front matter, the edit and its held-out scores.
 
     ``hub_base_model=False`` (a local source folder) leaves ``base_model`` out of the front
     matter, which the Hub expects to be a repository id. ``gguf_source`` (``file`` and
-    ``sha256``) names the GGUF the weights were dequantised from.
+    ``sha256``) names the GGUF the weights were dequantised from; ``gguf_export`` (``file``,
+    ``type``, ``sha256``, ``summary``) the GGUF written beside the weights.
     """
     front = ["---"]
     if hub_base_model:
@@ -279,6 +321,14 @@ def model_card(
             f"Loaded from the GGUF file `{gguf_source['file']}` (sha256 `{gguf_source['sha256']}`),"
             " dequantised by transformers; the weights here are its float values with the edit "
             "merged in.",
+            "",
+        ]
+    if gguf_export is not None:
+        body += [
+            "## GGUF",
+            "",
+            f"`{gguf_export['file']}` ({gguf_export['type']}, sha256 `{gguf_export['sha256']}`) "
+            f"holds the same model for llama.cpp, Ollama and LM Studio: {gguf_export['summary']}.",
             "",
         ]
     body += [
@@ -375,13 +425,17 @@ def write_results(
         **_clean(dict(extra or {})),
     }
     text = json.dumps(record, indent=2, default=str, allow_nan=False)
-    path = Path(path)
+    return write_text_atomic(Path(path), text + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: whole or not at all."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(
             "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
         ) as handle:
-            handle.write(text + "\n")
+            handle.write(text)
         os.replace(handle.name, path)
     except OSError as error:
         raise ExportError(
@@ -426,6 +480,7 @@ def upload_to_hub(folder: Path, repo_id: str, *, private: bool = True) -> str:
             repo_id=repo_id,
             repo_type="model",
             commit_message=f"Upload abliterated model (Blasphemer {__version__})",
+            ignore_patterns=[OUTPUT_MARKER],
         )
     except caught as error:
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -233,6 +235,12 @@ def _load_config(source: _Source) -> PretrainedConfig:
             f"cannot read the config of {source.shown} ({_first_line(error)}); "
             "check the name and revision, your network, or pass a local model folder"
         ) from error
+    except (StrictDataclassError, TypeError, KeyError, AttributeError) as error:
+        # A config.json whose values have the wrong types or shape (hand-edited, truncated).
+        raise ModelLoadError(
+            f"config.json of {source.shown} is invalid ({_one_line(error)}); fix the file or "
+            "download the model again"
+        ) from error
     if source.gguf is not None and not getattr(config, "architectures", None):
         # A GGUF names its architecture only in its metadata; the saved config.json should.
         mapping = _model_class(config)._model_mapping
@@ -375,7 +383,11 @@ def _try_load(
     try:
         # A fresh copy each attempt: from_pretrained records dtype and quantisation on the config.
         config = copy.deepcopy(request.config)
-        model = request.model_class.from_pretrained(source.location, config=config, **kwargs)
+        model, info = request.model_class.from_pretrained(
+            source.location, config=config, output_loading_info=True, **kwargs
+        )
+        if source.gguf is None:
+            _check_all_weights_loaded(source, info)
         if source.gguf is not None:
             _forget_gguf_quantizer(model)
         model.eval()
@@ -383,6 +395,12 @@ def _try_load(
         if _next_token_logits_finite(model, tokenizer):
             return model, ""
         reason = "non-finite logits on a test prompt"
+    except SafetensorError as error:
+        # Corrupt or truncated weights: no other dtype will help.
+        raise ModelLoadError(
+            f"weight file {_corrupt_weight_file(source)} is corrupt or truncated "
+            f"({_first_line(error)}); download the model again"
+        ) from error
     except OSError as error:
         # Missing or unreadable weight files: no other dtype will help.
         raise ModelLoadError(
@@ -394,12 +412,42 @@ def _try_load(
             f"loading {model_id} needs a missing package ({_first_line(error)}); install it, retry"
         ) from error
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
+        if "mismatched_sizes" in str(error) or "size mismatch" in str(error):
+            raise _mismatch_error(source, "have other shapes than config.json says") from error
         # Out of memory, a kernel missing for this dtype on this device, a dtype the
         # checkpoint rejects: the next dtype may well work.
         reason = f"{type(error).__name__}: {_first_line(error)}"
     del model
     _free_memory()
     return None, reason
+
+
+def _mismatch_error(source: _Source, what: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"the weights of {source.shown} {what}; config.json and the *.safetensors files come "
+        "from different models: download the model again or restore its config.json"
+    )
+
+
+def _check_all_weights_loaded(source: _Source, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint that lacks weights its config calls for (they would be random)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise _mismatch_error(source, f"lack {missing[0]}{more}")
+
+
+def _corrupt_weight_file(source: _Source) -> str:
+    """The first local ``*.safetensors`` file whose header cannot be read (else the source)."""
+    folder = Path(source.location).expanduser()
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    handle.keys()
+            except (SafetensorError, OSError):
+                return str(path)
+    return f"of {source.shown}"
 
 
 def _forget_gguf_quantizer(model: PreTrainedModel) -> None:
@@ -440,6 +488,12 @@ def _free_memory() -> None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _one_line(error: BaseException) -> str:
+    """The whole message of ``error`` on one line (validation errors span several)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _first_line(error: BaseException) -> str:

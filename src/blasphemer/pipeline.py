@@ -11,6 +11,7 @@ import importlib.resources
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,7 +91,8 @@ def _run(settings: Settings, console: Console) -> Outcome:
     clock.lap("map")
     console.stage(4, STAGES, "Loading and splitting prompt sets")
     prompts = load_prompts(settings, loaded.tokenizer)
-    batch = stages.batch_size(settings, loaded, prompts, console)
+    batch_choice = stages.batch_size(settings, loaded, prompts, console)
+    batch = batch_choice.size
 
     clock.lap("prompts_and_batch_size")
     console.stage(5, STAGES, "Computing refusal directions (fit split)")
@@ -126,6 +128,12 @@ def _run(settings: Settings, console: Console) -> Outcome:
     chosen = stages.choose(settings, results, front, console)
     if chosen is None:
         return Outcome(loaded, model_map, directions, prompts, None, None)
+    # results.json "timings_s": seconds per stage, the batch size and why it was chosen.
+    timings: dict[str, Any] = {
+        **clock.laps,
+        "batch_size": batch,
+        "batch_size_choice": batch_choice.to_dict(),
+    }
     stages.save(
         settings,
         loaded,
@@ -137,7 +145,7 @@ def _run(settings: Settings, console: Console) -> Outcome:
         held_out,
         target,
         console,
-        timings={**clock.laps, "batch_size": batch},
+        timings=timings,
     )
     return Outcome(loaded, model_map, directions, prompts, chosen, target)
 

@@ -16,14 +16,19 @@ from pathlib import Path
 import psutil
 import sqlalchemy
 import torch
+from safetensors import SafetensorError, safe_open
+from sqlalchemy.pool import NullPool
 
 from blasphemer import gguf_source
-from blasphemer.errors import ExportError, ModelLoadError, StorageError
-from blasphemer.optimization.study import normalize_url, redact_url
+from blasphemer.errors import ConfigError, ExportError, ModelLoadError, StorageError
+from blasphemer.optimization.study import error_line, normalize_url, redact_url
 
 _BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _HEADROOM = 1.15  # activations, KV cache and allocator slack on top of the weights
+STORAGE_TIMEOUT_S = 3  # per connect attempt (libpq may retry once without SSL); a live
+# database answers in well under a second
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,40 @@ def check_model_path(model: str) -> Path | None:
         raise ModelLoadError(
             f"{model} is not a model folder (no config.json); pass the folder save_pretrained wrote"
         )
+    check_config_file(path / "config.json")
     return path.resolve()
+
+
+def check_config_file(path: Path) -> None:
+    """Refuse a ``config.json`` that is unreadable, not UTF-8 JSON, or not a JSON object."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise ModelLoadError(
+            f"cannot read {path} as JSON ({reason}); restore the file or download the model again"
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(
+            f"{path} holds a JSON {type(config).__name__}, not a config object; restore the file "
+            "or download the model again"
+        )
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a model folder whose ``*.safetensors`` headers are corrupt or truncated.
+
+    Reads only each file's header (and checks it covers the file), not the tensors.
+    """
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise ModelLoadError(
+                f"weight file {path} is corrupt or truncated ({reason}); download the model again"
+            ) from None
 
 
 def check_gguf(model: str, gguf_file: str | None) -> gguf_source.GgufHeader | None:
@@ -113,7 +151,9 @@ def checkpoint_dtype_bytes(folder: Path) -> int:
     """Bytes per parameter as stored in the checkpoint (from config.json; 2 if unknown)."""
     try:
         config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return 2
+    if not isinstance(config, dict):
         return 2
     dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
     return _BYTES_PER_DTYPE.get(str(dtype), 2)
@@ -204,3 +244,90 @@ def check_storage_url(url: str) -> None:
             f"cannot use storage URL {redact_url(url)!r}; use sqlite:///path/study.db or "
             "postgresql://user@host/database"
         ) from None
+
+
+def nearest_existing(path: Path) -> Path | None:
+    """``path`` itself or its closest ancestor that exists (None only for odd relative paths)."""
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Refuse a folder Blasphemer must create or write into: a file, or not writable.
+
+    Nothing is created: the closest existing ancestor is probed instead of the folder itself.
+    """
+    target = folder.expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{option} {folder} is a file; choose a folder path")
+    existing = nearest_existing(target)
+    if existing is None or not existing.is_dir() or not _writable(existing):
+        raise ConfigError(
+            f"cannot write to {option} {folder} (no permission); choose a writable folder"
+        )
+
+
+def check_storage(url: str, timeout_s: float = STORAGE_TIMEOUT_S) -> None:
+    """Refuse a ``--storage`` that cannot hold the study, in seconds and without creating it.
+
+    The URL must name an installed dialect; an SQLite file must lie in a writable folder (and
+    be an SQLite database if it exists); any other database must accept a connection within
+    ``timeout_s`` seconds. Errors are one line and never show the password.
+    """
+    check_storage_url(url)
+    parsed = sqlalchemy.engine.make_url(normalize_url(url))
+    if parsed.get_backend_name() == "sqlite":
+        _check_sqlite_file(url, parsed.database)
+    else:
+        _check_connect(url, timeout_s)
+
+
+def _check_sqlite_file(url: str, database: str | None) -> None:
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database).expanduser()
+    shown = redact_url(url)
+    if path.is_dir():
+        raise StorageError(f"storage {shown} names a folder; end the URL with a file name")
+    if path.exists():
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(len(_SQLITE_MAGIC))
+        except OSError as error:
+            raise StorageError(
+                f"cannot read storage file {path}: {error.strerror}; check its permissions"
+            ) from None
+        if head and head != _SQLITE_MAGIC:
+            raise StorageError(
+                f"storage file {path} is not an SQLite database; choose another --storage path"
+            )
+        if not os.access(path, os.W_OK):
+            raise StorageError(f"storage file {path} is read-only; make it writable")
+    existing = nearest_existing(path.absolute().parent)
+    if existing is None or not existing.is_dir() or not _writable(existing):
+        raise StorageError(
+            f"cannot create storage {shown}: folder {path.parent} is not writable; "
+            "choose a writable --run-dir or --storage path"
+        )
+
+
+def _check_connect(url: str, timeout_s: float) -> None:
+    normalized = normalize_url(url)
+    shown = redact_url(url)
+    backend = sqlalchemy.engine.make_url(normalized).get_backend_name()
+    connect_args = {"connect_timeout": max(1, round(timeout_s))} if backend == "postgresql" else {}
+    try:
+        engine = sqlalchemy.create_engine(normalized, connect_args=connect_args, poolclass=NullPool)
+    except ImportError:
+        raise StorageError(
+            f"no database driver for {shown}; install it: pip install 'blasphemer[postgres]'"
+        ) from None
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+    except sqlalchemy.exc.DBAPIError as error:
+        raise StorageError(
+            f"cannot reach study storage {shown}: {error_line(error.orig or error, url)}; start "
+            "the database, check host, port, user and password, or use another --storage"
+        ) from None
+    finally:
+        engine.dispose()

@@ -29,6 +29,12 @@ def _one_line(value: object) -> str:
     return " ".join(str(value).split())
 
 
+def _shown(name: object) -> str:
+    """A column name as it can be shown on one line (quoted when it holds odd characters)."""
+    text = str(name)
+    return text if text.isprintable() else repr(text)
+
+
 def read_bundled(kind: str) -> list[Record]:
     """The bundled set ``kind`` (``harmful`` or ``harmless``)."""
     if kind not in BUNDLED_KINDS:
@@ -139,7 +145,7 @@ def _from_items(items: list[Any], source: str, column: str | None) -> list[Recor
     if all(isinstance(item, str) for item in items):
         if column is not None and items:
             raise DatasetError(
-                f"prompt file {source} holds plain strings, so it has no column '{column}'; "
+                f"prompt file {source} holds plain strings, so it has no column {column!r}; "
                 "leave the column unset"
             )
         return [(item.strip(), None) for item in items if item.strip()]
@@ -212,7 +218,7 @@ def _from_records(
     columns: Sequence[str], rows: Iterable[dict[str, Any]], source: str, column: str | None
 ) -> list[Record]:
     """Records from tabular rows: pick the text column, keep the category where present."""
-    available = ", ".join(columns) or "(none)"
+    available = ", ".join(_shown(c) for c in columns) or "(none)"
     if column is None:
         column = next((c for c in TEXT_COLUMNS if c in columns), None)
         if column is None:
@@ -222,7 +228,7 @@ def _from_records(
             )
     elif column not in columns:
         raise DatasetError(
-            f"{source} has no column '{column}'; choose the text column from: {available}"
+            f"{source} has no column {column!r}; choose the text column from: {available}"
         )
     records: list[Record] = []
     for number, row in enumerate(rows, start=1):
@@ -231,7 +237,7 @@ def _from_records(
             continue
         if not isinstance(value, str):
             raise DatasetError(
-                f"{source} row {number}: column '{column}' holds {type(value).__name__}, "
+                f"{source} row {number}: column {column!r} holds {type(value).__name__}, "
                 "not text; choose a text column"
             )
         category = row.get(CATEGORY_COLUMN)

@@ -12,14 +12,15 @@ from pathlib import Path
 import optuna
 import torch
 
-from blasphemer import architectures, export, gguf_source, loading, preflight, report
+from blasphemer import architectures, export, gguf_export, gguf_source, loading, preflight, report
 from blasphemer.config import Settings
 from blasphemer.console import Console, TrialMonitor, tier
 from blasphemer.directions import Directions, compute_directions
 from blasphemer.editing import apply_ablation
 from blasphemer.errors import ConfigError
 from blasphemer.evaluation import KLScorer, RefusalScorer, wilson_interval
-from blasphemer.evaluation.batching import choose_batch_size
+from blasphemer.evaluation.base import load_scorer_classes
+from blasphemer.evaluation.batching import BatchChoice, choose_batch_size
 from blasphemer.optimization import (
     Objective,
     OpenedStudy,
@@ -40,6 +41,7 @@ from blasphemer.workspace import (
     ATTR_BUDGET,
     Prompts,
     Scorers,
+    select_prompts,
     store_metadata,
     study_fingerprint,
 )
@@ -60,15 +62,38 @@ def output_dir(settings: Settings, model_id: str) -> Path:
 
 
 def preflight_checks(settings: Settings, output_dir: Path, console: Console) -> None:
-    # Options that would otherwise fail only after the model is loaded or the study has run.
+    """Stage 1: check every input that can be checked without the model, cheapest first.
+
+    Options, files and folders that would otherwise fail only after the model is loaded (or
+    after the study has run) fail here, in seconds, with one line each; nothing is created.
+    """
     assert settings.model is not None
-    gguf = preflight.check_gguf(settings.model, settings.gguf_file)
-    source = gguf.path if gguf is not None else preflight.check_model_path(settings.model)
     if settings.select is not None:
         parse_rule(settings.select)
-    if settings.storage is not None:
-        preflight.check_storage_url(settings.storage)
-    needed = 0
+    if settings.architecture_override is not None:
+        architectures.load_override(settings.architecture_override)
+    for scorer_file in settings.scorers:
+        load_scorer_classes(str(scorer_file))
+    gguf = preflight.check_gguf(settings.model, settings.gguf_file)
+    source = gguf.path if gguf is not None else preflight.check_model_path(settings.model)
+    if source is not None and gguf is None:
+        preflight.check_weight_files(source)
+    preflight.check_output_dir(output_dir, source, 0)
+    if (
+        output_dir.is_dir()
+        and any(output_dir.iterdir())
+        and not export.is_blasphemer_output(output_dir)
+    ):
+        raise ConfigError(
+            f"--output-dir {output_dir} exists and holds files that Blasphemer did not write; "
+            "choose an empty or new folder"
+        )
+    if settings.storage is None:
+        preflight.check_writable_folder(run_dir(settings, settings.model), "--run-dir")
+    preflight.check_storage(
+        settings.storage or default_storage_url(run_dir(settings, settings.model))
+    )
+    select_prompts(settings)  # prompt files: readable, well formed, enough for every split
     if source is not None:
         quantization = settings.quantization
         budget = (
@@ -77,18 +102,8 @@ def preflight_checks(settings: Settings, output_dir: Path, console: Console) -> 
             else preflight.estimate(source, settings.dtypes, settings.device_map, quantization)
         )
         preflight.check_memory(budget, settings.dtypes)
-        needed = budget.weights_on_disk
+        preflight.check_output_dir(output_dir, source, budget.weights_on_disk)
         console.info(budget.summary())
-    preflight.check_output_dir(output_dir, source, needed)
-    if (
-        output_dir.exists()
-        and any(output_dir.iterdir())
-        and not (output_dir / "results.json").exists()
-    ):
-        raise ConfigError(
-            f"--output-dir {output_dir} exists and holds files that Blasphemer did not write; "
-            "choose an empty or new folder"
-        )
 
 
 def load_model(settings: Settings) -> loading.LoadedModel:
@@ -123,12 +138,24 @@ def map_model(
 
 def batch_size(
     settings: Settings, loaded: loading.LoadedModel, prompts: Prompts, console: Console
-) -> int:
+) -> BatchChoice:
+    """The batch size: ``--batch-size`` if given, else measured under a memory ceiling."""
     if settings.batch_size is not None:
-        return settings.batch_size
-    size = choose_batch_size(loaded, prompts.harmful.select, settings.max_batch_size)
-    console.info(f"batch size {size} (measured; --batch-size to override)")
-    return size
+        return BatchChoice(settings.batch_size, "set by --batch-size", settings.batch_size)
+    every_text = [
+        *(text for part in (prompts.harmful, prompts.harmless) for text in part.fit),
+        *(text for part in (prompts.harmful, prompts.harmless) for text in part.select),
+        *(text for part in (prompts.harmful, prompts.harmless) for text in part.report),
+    ]
+    choice = choose_batch_size(
+        loaded,
+        prompts.harmful.select,
+        settings.max_batch_size,
+        response_tokens=settings.max_new_tokens,
+        sizing_texts=every_text,
+    )
+    console.info(f"batch size {choice.size} (measured; --batch-size to override)")
+    return choice
 
 
 def compute_refusal_directions(
@@ -338,6 +365,24 @@ def gguf_record(loaded: loading.LoadedModel) -> dict[str, str] | None:
     }
 
 
+def write_gguf(
+    folder: Path, kind: str, loaded: loading.LoadedModel, console: Console
+) -> dict[str, object]:
+    """Write ``folder`` (a saved model) as ``folder/<name>-<kind>.gguf``; its record for the card.
+
+    A model loaded from a local GGUF is written from that file: metadata and unedited tensors
+    copied byte for byte, edited tensors in their source type where possible, else ``kind``.
+    """
+    source = loaded.gguf.local_path if loaded.gguf is not None else None
+    target = folder / f"{folder.name}-{kind}.gguf"
+    result = gguf_export.export_gguf(folder, target, type=kind, source_gguf=source, force=True)
+    record = gguf_export.describe(result)
+    console.info(f"GGUF: {target} ({record['summary']})")
+    for note in result.notes:
+        console.warn(f"GGUF: {note}")
+    return record
+
+
 def choose(
     settings: Settings, results: list[TrialResult], front: list[TrialResult], console: Console
 ) -> TrialResult | None:
@@ -378,18 +423,21 @@ def save(
     ):
         return
     held = held_out.get(chosen.number)
-    gguf = gguf_record(loaded)
+    source = gguf_record(loaded)
+    folder = export.save_merged(
+        loaded, model_map, directions, chosen.parameters, output_dir, overwrite=True
+    )
+    written = write_gguf(folder, settings.gguf, loaded, console) if settings.gguf else None
     card = export.model_card(
         base_model=loaded.model_id,
         parameters=chosen.parameters,
         trial_number=chosen.number,
         scores=held,
         hub_base_model=not preflight.is_local_model(loaded.model_id) and loaded.gguf is None,
-        gguf_source=gguf,
+        gguf_source=source,
+        gguf_export=written,
     )
-    folder = export.save_merged(
-        loaded, model_map, directions, chosen.parameters, output_dir, card=card, overwrite=True
-    )
+    export.write_text_atomic(folder / "README.md", card)
     export.write_results(
         folder / "results.json",
         settings=settings.model_dump(mode="json"),
@@ -399,7 +447,8 @@ def save(
         held_out=held,
         extra={
             "model_id": loaded.model_id,
-            "gguf_source": gguf,
+            "gguf_source": source,
+            "gguf_export": written,
             "held_out_front": {k: v.to_dict() for k, v in held_out.items()},
             "timings_s": dict(timings or {}),
         },

@@ -37,7 +37,7 @@ def work(settings: Settings, console: Console) -> int:
     if settings.storage is None or settings.study_name is None:
         raise ConfigError("a worker needs --storage URL and --study-name NAME of a running study")
     shown = redact_url(settings.storage)
-    preflight.check_storage_url(settings.storage)
+    preflight.check_storage(settings.storage)
     study = _await_study(open_storage(settings.storage), settings.study_name, shown, console)
     stored, directions, budget = read_metadata(study, shown)
     local = {k: v for k, v in settings.model_dump().items() if k in settings.model_fields_set}
@@ -48,7 +48,7 @@ def work(settings: Settings, console: Console) -> int:
     model_map = stages.map_model(joined, loaded, console)
     console.stage(2, 4, "Loading prompt sets and measuring the original model")
     prompts = load_prompts(joined, loaded.tokenizer)
-    batch = stages.batch_size(joined, loaded, prompts, console)
+    batch = stages.batch_size(joined, loaded, prompts, console).size
     scorers = build_scorers(joined, loaded, prompts, batch)
     console.stage(3, 4, f"Joining study {settings.study_name!r} in {shown}")
     space = SearchSpace.build(model_map.n_layers, norm_preserving=joined.norm_preserving)

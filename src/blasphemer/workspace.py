@@ -65,8 +65,16 @@ def _load_splits(spec: str, column: str | None, kind: str, seed: int) -> prompt_
     return prompt_sets.split_prompt_set(prompt_sets.load_prompt_set(spec, column=column), seed=seed)
 
 
-def load_prompts(settings: Settings, tokenizer: Any) -> Prompts:
-    """Load, split, trim and render both prompt sets. Harmful prompts are removed from harmless."""
+PartPrompts = tuple[list[prompt_sets.Prompt], list[prompt_sets.Prompt], list[prompt_sets.Prompt]]
+
+
+def select_prompts(settings: Settings) -> tuple[PartPrompts, PartPrompts]:
+    """Read, split and trim both prompt sets (harmful, harmless), each as fit/select/report.
+
+    Needs no model, so preflight calls it to check the prompt files before anything is loaded.
+    Harmful prompts are removed from the harmless set. Raises :class:`DatasetError` for a
+    missing, unreadable or malformed file, or a set too small for every split.
+    """
     harmful = _load_splits(
         settings.harmful, settings.harmful_column, "harmful", settings.split_seed
     )
@@ -76,7 +84,7 @@ def load_prompts(settings: Settings, tokenizer: Any) -> Prompts:
     all_harmful = (*harmful.fit.prompts, *harmful.select.prompts, *harmful.report.prompts)
     reference = prompt_sets.PromptSet("harmful", all_harmful, settings.harmful)
 
-    def build(splits: prompt_sets.Splits, clean: bool) -> PromptSplits:
+    def trimmed(splits: prompt_sets.Splits, clean: bool) -> PartPrompts:
         parts = []
         for part, limit in (
             (splits.fit, settings.max_fit_prompts),
@@ -91,6 +99,15 @@ def load_prompts(settings: Settings, tokenizer: Any) -> Prompts:
                     "use a larger prompt set"
                 )
             parts.append(_trim(part.prompts, limit, settings.split_seed))
+        return parts[0], parts[1], parts[2]
+
+    return trimmed(harmful, clean=False), trimmed(harmless, clean=True)
+
+
+def load_prompts(settings: Settings, tokenizer: Any) -> Prompts:
+    """Load, split, trim and render both prompt sets. Harmful prompts are removed from harmless."""
+
+    def build(parts: PartPrompts) -> PromptSplits:
         rendered = [
             prompt_sets.render(tokenizer, p, system_prompt=settings.system_prompt) for p in parts
         ]
@@ -99,7 +116,8 @@ def load_prompts(settings: Settings, tokenizer: Any) -> Prompts:
         fit, select, report = rendered
         return PromptSplits(fit, select, report, [p.text for p in parts[2]], digest)
 
-    return Prompts(build(harmful, clean=False), build(harmless, clean=True))
+    harmful, harmless = select_prompts(settings)
+    return Prompts(build(harmful), build(harmless))
 
 
 @dataclass(eq=False)

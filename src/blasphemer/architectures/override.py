@@ -34,6 +34,11 @@ def load_override(path: Path | str) -> ArchitectureSpec:
         raise ConfigError(
             f"cannot read architecture override {path}: {error.strerror}; check the path"
         ) from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"architecture override {path} is not UTF-8 text ({error.reason} at byte "
+            f"{error.start}); save it as UTF-8"
+        ) from error
     is_json = path.suffix.lower() == ".json"
     try:
         data = json.loads(text) if is_json else tomllib.loads(text)

@@ -78,7 +78,8 @@ def _password(url: str) -> str | None:
     return password or None
 
 
-def _one_line(error: BaseException, url: str) -> str:
+def error_line(error: BaseException, url: str) -> str:
+    """The first line of ``error``'s message (at most 300 characters), the URL's password hidden."""
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     password = _password(url)
     if password:
@@ -174,7 +175,7 @@ def open_storage(
             time.sleep(_BACKOFF_S * 2**attempt * (1 + random.random()))
     assert last is not None
     raise StorageError(
-        f"cannot open study storage {shown}: {_one_line(last, url)}; check that the database "
+        f"cannot open study storage {shown}: {error_line(last, url)}; check that the database "
         "is reachable and writable, or use another --storage"
     )
 
@@ -319,7 +320,7 @@ def _retry(action: Any, url: str) -> Any:
             time.sleep(_BACKOFF_S * 2**attempt * (1 + random.random()))
     assert last is not None
     raise StorageError(
-        f"study storage {redact_url(normalize_url(url))} keeps failing: {_one_line(last, url)}; "
+        f"study storage {redact_url(normalize_url(url))} keeps failing: {error_line(last, url)}; "
         "check that the database is reachable and not overloaded"
     )
 
