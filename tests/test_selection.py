@@ -169,3 +169,16 @@ def test_trial_result_needs_a_complete_trial() -> None:
     trial = study.ask()
     with pytest.raises(ValueError, match="not COMPLETE"):
         TrialResult.from_trial(study.trials[trial.number])
+
+
+def test_held_out_scoring_starts_with_the_recommended_trial() -> None:
+    from blasphemer.stages import held_out_order
+
+    front = pareto_front([result(0, 0.0, 0.30), result(1, 0.02, 0.05), result(2, 0.5, 0.01)])
+    star = recommended(front)
+    assert star is not None and star.number != 0  # the knee is not the fewest refusals here
+    order = held_out_order(front)
+    assert order[0].number == star.number
+    assert sorted(r.number for r in order) == sorted(r.number for r in front)
+    rest = order[1:]
+    assert rest == sorted(rest, key=lambda r: (r.refusal_rate, r.kl))

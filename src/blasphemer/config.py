@@ -149,6 +149,12 @@ class Settings(BaseSettings):
         ge=1,
         description="KL over this many positions of the original greedy answer (1 = first token).",
     )
+    held_out_trials: int = Field(
+        8,
+        ge=1,
+        description="Front trials scored on the report split at the end (full-length answers; "
+        "the recommended trial first).",
+    )
     batch_size: int | None = Field(
         None, ge=1, description="Prompts per forward pass (default: measured)."
     )

@@ -34,7 +34,6 @@ from blasphemer.workspace import (
 )
 
 STAGES = 10
-MAX_HELD_OUT_TRIALS = 8
 
 
 def demo_model_path() -> Path:

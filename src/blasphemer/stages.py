@@ -46,8 +46,6 @@ from blasphemer.workspace import (
     study_fingerprint,
 )
 
-MAX_HELD_OUT_TRIALS = 8
-
 
 def slug(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_id.rstrip("/")).name or "model")
@@ -304,7 +302,7 @@ def held_out(
     )
     original = refusals.evaluate()
     scores: dict[int, export.HeldOutScores] = {}
-    shown = sorted(front, key=lambda r: (r.refusal_rate, r.kl))[:MAX_HELD_OUT_TRIALS]
+    shown = held_out_order(front)[: settings.held_out_trials]
     with console.progress("held-out evaluation of front trials", len(shown)) as advance:
         for result in shown:
             parameters = result.parameters
@@ -381,6 +379,16 @@ def write_gguf(
     for note in result.notes:
         console.warn(f"GGUF: {note}")
     return record
+
+
+def held_out_order(front: list[TrialResult]) -> list[TrialResult]:
+    """Front trials in the order they are scored on the report split: the recommended one
+    (what ``--yes`` saves) first, then by refusals and KL on the select split."""
+    star = recommended(front)
+    ordered = sorted(front, key=lambda r: (r.refusal_rate, r.kl))
+    if star is None:
+        return ordered
+    return [star, *(r for r in ordered if r.number != star.number)]
 
 
 def choose(
