@@ -202,6 +202,39 @@ def test_version_and_bare_command(blasphemer: Callable[..., SimpleNamespace]) ->
     assert bare.code == 2 and "usage: blasphemer" in bare.out
 
 
+_HEAVY_LIBRARIES = ("torch", "transformers", "optuna", "huggingface_hub", "datasets")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["--version"],
+        ["some/model", "--n-trials", "x"],
+        ["nope", "--x"],
+    ],
+)
+def test_help_and_argument_errors_import_no_heavy_library(argv: list[str]) -> None:
+    # A fresh interpreter: this test process has long imported torch.
+    script = (
+        "import sys\n"
+        "from blasphemer import cli\n"
+        "try:\n"
+        f"    code = cli.main({argv!r})\n"
+        "except SystemExit as exit_:\n"
+        "    code = exit_.code\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({_HEAVY_LIBRARIES!r}))\n"
+        "print('RESULT', code, ','.join(heavy) or '-', file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    _, code, heavy = result.stderr.strip().splitlines()[-1].split()
+    assert code == ("2" if "x" in argv or "--x" in argv else "0")
+    assert heavy == "-", f"{argv} imported {heavy}"
+
+
 def test_a_model_alone_means_run(
     blasphemer: Callable[..., SimpleNamespace], captured_settings: list[Settings]
 ) -> None:

@@ -233,7 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``blasphemer`` console script. Returns the process exit code."""
     args_list = _normalise_argv(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
-    _quiet_libraries(debug)
     console = Console(quiet="--quiet" in args_list, debug=debug)
     try:
         if "--version" in args_list[:1]:
@@ -246,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         namespace = parser.parse_args(args_list)
+        # Only a command that runs pays for these imports; --help and argument errors stay fast.
+        _quiet_libraries(debug)
         return _dispatch(namespace, console)
     except BlasphemerError as error:
         if debug:
