@@ -261,3 +261,15 @@ def _check_gguf_export(output: Path, record: dict[str, object], source: Path) ->
     q = torch.log_softmax(_logits(reread, texts).double(), -1)
     kl = (p.exp() * (p - q)).sum(-1)
     assert float(kl.mean()) <= 0.01, kl  # q8_0 for the edited tensors, source bytes elsewhere
+
+
+def test_inspect_json_on_a_real_gguf(capsys: pytest.CaptureFixture[str]) -> None:
+    path = bench_models.fetch("smollm2", log=False)
+    capsys.readouterr()
+    assert cli.main(["inspect", str(path), "--json", "--dtypes", "float32"]) == 0
+    description = json.loads(capsys.readouterr().out)
+    assert description["spec"] == "llama" and description["n_layers"] == 30
+    assert description["gguf"]["architecture"] == "llama"
+    assert description["gguf"]["tensor_types"] == ["F32", "Q4_1", "Q8_0"]
+    assert description["gguf"]["parameters"] == 134_515_008
+    assert _sha256(path) == bench_models.MODELS["smollm2"].sha256
