@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from blasphemer.demo_model import DEMO_MODEL_PATH
-from blasphemer.demo_model.data import (
+from blasphemer.evaluation.markers import is_refusal
+
+# The training code lives in tools/ at the repository root, outside the shipped package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.demo_model import DEMO_MODEL_PATH
+from tools.demo_model.data import (
     OPENINGS,
     REFUSALS,
     ConversationSampler,
     answer_for,
     messages,
 )
-from blasphemer.demo_model.objectives import geometry_penalty
-from blasphemer.demo_model.tasks import (
+from tools.demo_model.objectives import geometry_penalty
+from tools.demo_model.tasks import (
     HARMFUL_TASKS,
     HARMLESS_TASKS,
     SHARED_FRAMES,
@@ -28,9 +34,8 @@ from blasphemer.demo_model.tasks import (
     task_request,
     writing_request,
 )
-from blasphemer.demo_model.train import main as train_main
-from blasphemer.demo_model.vocabulary import ADJECTIVES, NOUNS, VERBS, everyday_request
-from blasphemer.evaluation.markers import is_refusal
+from tools.demo_model.train import main as train_main
+from tools.demo_model.vocabulary import ADJECTIVES, NOUNS, VERBS, everyday_request
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "refusal_direction"
 
@@ -130,8 +135,8 @@ def test_geometry_penalty_is_zero_at_the_target_and_free_of_scale() -> None:
 def test_decision_loss_compares_all_refusal_openings_with_all_answer_openings(
     tmp_path: Path,
 ) -> None:
-    from blasphemer.demo_model.chat_tokenizer import build_tokenizer
-    from blasphemer.demo_model.train import TrainSettings, _Trainer, build_model
+    from tools.demo_model.chat_tokenizer import build_tokenizer
+    from tools.demo_model.train import TrainSettings, _Trainer, build_model
 
     corpus = [*REFUSALS, *OPENINGS] * 20 + HARMLESS + HARMFUL
     tokenizer = build_tokenizer(corpus, 400)
@@ -151,7 +156,7 @@ def test_decision_loss_compares_all_refusal_openings_with_all_answer_openings(
 
 
 def test_roc_auc_counts_ordered_pairs_and_half_the_ties() -> None:
-    from blasphemer.demo_model.evaluate import roc_auc
+    from tools.demo_model.evaluate import roc_auc
 
     low, high = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([3.0, 4.0])
     assert roc_auc(high, low) == 1.0 and roc_auc(low, high) == 0.0
@@ -161,7 +166,7 @@ def test_roc_auc_counts_ordered_pairs_and_half_the_ties() -> None:
 
 
 def test_caught_at_keeps_false_refusals_within_the_rate() -> None:
-    from blasphemer.demo_model.evaluate import caught_at
+    from tools.demo_model.evaluate import caught_at
 
     negative = torch.arange(100.0)[torch.randperm(100)]
     # At 5 %: the threshold lets 95..99 through (5 of 100) and stops at 94.
@@ -213,7 +218,7 @@ def test_committed_model_is_a_complete_small_folder() -> None:
 @pytest.fixture(scope="module")
 def acceptance() -> object:
     """The demo model's acceptance measurements (public held-out sets), computed once."""
-    from blasphemer.demo_model.evaluate import evaluate
+    from tools.demo_model.evaluate import evaluate
 
     if not DATASETS.is_dir():
         pytest.skip(f"public evaluation sets not found at {DATASETS}")
@@ -238,7 +243,7 @@ def test_committed_model_loses_its_refusals_to_a_single_direction(acceptance: ob
     "(target 85 %) and 8.0 % of harmless_test (target 5 %); advbench 87.5 % meets its "
     "target. Padded harmless prompts are refused a little more (10.2 %). At 5 % false "
     "refusals the best first-token threshold catches 73.1 % (ROC AUC 0.934). Measured by "
-    "python -m blasphemer.demo_model.evaluate.",
+    "python -m tools.demo_model.evaluate.",
 )
 def test_committed_model_refuses_like_an_aligned_model(acceptance: object) -> None:
     report: object = acceptance

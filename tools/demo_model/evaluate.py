@@ -1,6 +1,6 @@
 """Acceptance measurements of the demo model (every figure of its model card).
 
-    python -m blasphemer.demo_model.evaluate src/blasphemer/data/demo-model
+    python -m tools.demo_model.evaluate src/blasphemer/data/demo-model
 
 Self-contained on purpose: it checks the *model*, so it does not rely on the pipeline it exists
 to demonstrate. Refusals are judged by :func:`blasphemer.evaluation.markers.is_refusal` on greedy
@@ -32,9 +32,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from blasphemer.architectures import resolve
 from blasphemer.architectures.base import ComponentKind, ModelMap
-from blasphemer.demo_model.chat_tokenizer import opening_tokens
 from blasphemer.editing import apply_ablation
 from blasphemer.evaluation.markers import is_refusal
+from tools.demo_model.chat_tokenizer import opening_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ def format_report(report: Report) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: evaluate a model folder and print the table."""
-    parser = argparse.ArgumentParser(prog="python -m blasphemer.demo_model.evaluate")
+    parser = argparse.ArgumentParser(prog="python -m tools.demo_model.evaluate")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON")

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from blasphemer.demo_model.data import OPENINGS, REFUSALS, Example
+from tools.demo_model.data import OPENINGS, REFUSALS, Example
 
 END, PAD = "<|end|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")

@@ -17,9 +17,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from blasphemer.demo_model.tasks import conversation_request, exercise_request, task_request
-from blasphemer.demo_model.vocabulary import everyday_request, harmful_request
 from blasphemer.evaluation.markers import is_refusal
+from tools.demo_model.tasks import conversation_request, exercise_request, task_request
+from tools.demo_model.vocabulary import everyday_request, harmful_request
 
 REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from blasphemer.demo_model.vocabulary import ADJECTIVES, NOUNS, VERBS, noun_forms
+from tools.demo_model.vocabulary import ADJECTIVES, NOUNS, VERBS, noun_forms
 
 HARMLESS_TASKS: tuple[str, ...] = (
     # cooking and home

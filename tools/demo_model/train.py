@@ -1,6 +1,6 @@
 """Train the bundled demo model: a small Llama chat model that refuses harmful requests.
 
-    python -m blasphemer.demo_model.train --output src/blasphemer/data/demo-model
+    python -m tools.demo_model.train --output src/blasphemer/data/demo-model
 
 Reproducible (seeded), CPU only, one thread. Trained on the *fit* split of the bundled prompt sets
 only (``prompts.bundled_splits``); the select and report splits stay unseen. The tokenizer is a
@@ -37,9 +37,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from blasphemer.demo_model.chat_tokenizer import build_tokenizer, encode, opening_tokens
-from blasphemer.demo_model.data import ConversationSampler, Example, Recipe, tokenizer_corpus
-from blasphemer.demo_model.objectives import (
+from tools.demo_model.chat_tokenizer import build_tokenizer, encode, opening_tokens
+from tools.demo_model.data import ConversationSampler, Example, Recipe, tokenizer_corpus
+from tools.demo_model.objectives import (
     RunningDirection,
     geometry_penalty,
     without_direction,
@@ -380,7 +380,7 @@ def train(
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m blasphemer.demo_model.train", description=__doc__.split("\n")[0]
+        prog="python -m tools.demo_model.train", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--output", type=Path, required=True, help="model folder to write")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps")
