@@ -26,7 +26,7 @@ from typing import Any
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from blasphemer.config import Settings
+    from blasphemer.app.config import Settings
 
     return Settings(
         model=args.model,
@@ -42,7 +42,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _trim(items: list[Any], limit: int, seed: int) -> list[Any]:
-    # The same seeded trim as blasphemer.workspace; the check below catches any drift.
+    # The same seeded trim as blasphemer.app.context; the check below catches any drift.
     return items if len(items) <= limit else random.Random(seed).sample(items, limit)
 
 
@@ -50,7 +50,7 @@ def export_prompts(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from blasphemer import prompts as prompt_sets
-    from blasphemer.workspace import load_prompts
+    from blasphemer.app.context import load_prompts
 
     settings = _settings(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -90,7 +90,7 @@ def export_prompts(args: argparse.Namespace) -> int:
         if rendered != expected[name]:
             raise SystemExit(
                 f"error: exported {name} prompts differ from what blasphemer loads; "
-                "bench/blasphemer_tools.py must follow blasphemer.workspace.load_prompts"
+                "bench/blasphemer_tools.py must follow blasphemer.app.context.load_prompts"
             )
         if any("\n" in text or "\r" in text or text != text.strip() for text in texts):
             raise SystemExit(
@@ -116,8 +116,8 @@ def _export_trials(loaded: Any, model_map: Any, export: dict[str, Any]) -> list[
     import optuna
 
     from blasphemer import export as exporting
+    from blasphemer.app.context import read_metadata
     from blasphemer.optimization import parameters_from_dict
-    from blasphemer.workspace import read_metadata
 
     url = f"sqlite:///{Path(export['study_db']).resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -139,9 +139,9 @@ def score(args: argparse.Namespace) -> int:
     import torch
 
     from blasphemer import architectures, loading
-    from blasphemer.config import Settings
+    from blasphemer.app.config import Settings
+    from blasphemer.app.context import load_prompts
     from blasphemer.evaluation import KLScorer, RefusalScorer, wilson_interval
-    from blasphemer.workspace import load_prompts
 
     torch.set_grad_enabled(False)
     job = json.loads(Path(args.job).read_text(encoding="utf-8"))

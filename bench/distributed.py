@@ -48,16 +48,16 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
+from blasphemer.app.context import ATTR_BUDGET
+from blasphemer.app.pipeline import demo_model_path
 from blasphemer.optimization.objective import TrialResult
 from blasphemer.optimization.runner import BudgetGate, rdb_storage, run_trials
 from blasphemer.optimization.study import create_or_load_study, normalize_url
-from blasphemer.pipeline import demo_model_path
-from blasphemer.workspace import ATTR_BUDGET
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"  # scratch (git ignores it); each run's folder is removed after
-CLI = [sys.executable, "-m", "blasphemer.cli"]
+CLI = [sys.executable, "-m", "blasphemer.app.cli"]
 # Scoring settings of a throughput trial: the defaults, with a held-out report kept small (it
 # runs once, outside the measured window).
 RUN_SETTINGS = ["--quiet", "--dtypes", "float32", "--n-report-prompts", "8", "--yes"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blasphemer.pipeline import demo_model_path
+from blasphemer.app.pipeline import demo_model_path
 
 torch.set_num_threads(1)  # one thread was measured faster than two on the CI machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from blasphemer import cli
+from blasphemer.app import cli
 from blasphemer.evaluation.batching import (
     FLOOR,
     bytes_per_sequence,

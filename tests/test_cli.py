@@ -30,15 +30,16 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from blasphemer import cli, loading, pipeline, preflight
-from blasphemer.config import Settings, default_toml
-from blasphemer.console import Console, tier
+from blasphemer import loading
+from blasphemer.app import cli, pipeline, preflight
+from blasphemer.app.config import Settings, default_toml
+from blasphemer.app.console import Console, tier
 from blasphemer.optimization import default_storage_url, default_study_name
 from blasphemer.prompts import bundled_splits
 from test_loading import _tokenizer as word_tokenizer
 from tiny_models import VOCAB, build_tiny
 
-DEFAULTS_FILE = Path(cli.__file__).with_name("config.default.toml")
+DEFAULTS_FILE = Path(cli.__file__).parents[1] / "config.default.toml"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
     "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
@@ -219,7 +220,7 @@ def test_help_and_argument_errors_import_no_heavy_library(argv: list[str]) -> No
     # A fresh interpreter: this test process has long imported torch.
     script = (
         "import sys\n"
-        "from blasphemer import cli\n"
+        "from blasphemer.app import cli\n"
         "try:\n"
         f"    code = cli.main({argv!r})\n"
         "except SystemExit as exit_:\n"
@@ -286,7 +287,7 @@ def test_a_preset_lies_beneath_the_config_file(
     tmp_path: Path,
 ) -> None:
     preset = tomllib.loads(
-        Path(cli.__file__).with_name("presets").joinpath("cpu-small.toml").read_text()
+        Path(cli.__file__).parents[1].joinpath("presets", "cpu-small.toml").read_text()
     )
     assert preset and set(preset) <= set(Settings.model_fields)
     config = tmp_path / "settings.toml"
@@ -313,7 +314,7 @@ def test_a_shorter_response_length_lowers_the_default_decision_length() -> None:
 
 def test_committed_defaults_file_is_the_generated_one() -> None:
     assert DEFAULTS_FILE.read_text() == default_toml(), (
-        "config.default.toml is stale: write blasphemer.config.default_toml() into it"
+        "config.default.toml is stale: write blasphemer.app.config.default_toml() into it"
     )
 
 

@@ -36,7 +36,7 @@ from postgres_server import PostgresServer
 
 pytestmark = [pytest.mark.slow]
 
-CLI = [sys.executable, "-m", "blasphemer.cli"]
+CLI = [sys.executable, "-m", "blasphemer.app.cli"]
 # Small enough that a trial takes about half a second on one CPU core.
 FAST = [
     "--quiet",

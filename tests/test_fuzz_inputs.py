@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blasphemer.app.config import Settings, load_settings
 from blasphemer.architectures import load_override
-from blasphemer.config import Settings, load_settings
 from blasphemer.errors import BlasphemerError
 from blasphemer.gguf_source import check_loadable, read_header
 from blasphemer.optimization import TrialResult, parse_rule

@@ -348,7 +348,7 @@ def test_quantize_rows_in_blocks_equals_whole_tensor(monkeypatch: pytest.MonkeyP
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    from blasphemer import cli
+    from blasphemer.app import cli
 
     capsys.readouterr()
     code = cli.main([str(a) for a in args])

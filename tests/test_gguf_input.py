@@ -16,7 +16,8 @@ import gguf
 import numpy as np
 import pytest
 
-from blasphemer import gguf_source, preflight
+from blasphemer import gguf_source
+from blasphemer.app import preflight
 from blasphemer.errors import ModelLoadError
 from blasphemer.loading import load_model
 from test_cli import _assert_one_line_error, blasphemer  # noqa: F401 (a fixture)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import shutil
 import subprocess
@@ -50,3 +51,60 @@ def test_the_wheel_ships_the_package_and_its_data_but_no_training_code(tmp_path:
     assert "blasphemer/py.typed" in names
     assert any(name.startswith("blasphemer/data/prompts/") for name in names)
     assert any(name.startswith("blasphemer/presets/") for name in names)
+
+
+PACKAGE = ROOT / "src" / "blasphemer"
+
+
+def _imported_modules(source: str, package: str) -> set[str]:
+    """Every blasphemer module that ``source`` (a module of ``package``) imports, at any depth."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                anchor = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{anchor}.{base}" if base else anchor
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name == "blasphemer" or name.startswith("blasphemer.")}
+
+
+def _is_app(name: str) -> bool:
+    return name == "blasphemer.app" or name.startswith("blasphemer.app.")
+
+
+def test_the_library_never_imports_the_app() -> None:
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if (PACKAGE / "app") in path.parents:
+            continue
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        package = ".".join(parts if path.name == "__init__.py" else parts[:-1])
+        app_imports = sorted(filter(_is_app, _imported_modules(path.read_text(), package)))
+        if app_imports:
+            offenders[str(path.relative_to(PACKAGE))] = app_imports
+    assert offenders == {}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import blasphemer.app.console",
+        "from blasphemer.app import console",
+        "from blasphemer import app",
+        "from blasphemer.app.config import Settings",
+        "def f():\n    from ..app import cli",
+        "from ..app.console import Console",
+    ],
+)
+def test_the_import_graph_check_sees_every_spelling(source: str) -> None:
+    assert any(map(_is_app, _imported_modules(source, "blasphemer.evaluation")))
+
+
+def test_the_import_graph_check_ignores_library_imports() -> None:
+    source = "from blasphemer import ablation\nfrom . import markers\nimport blasphemer.export"
+    assert not any(map(_is_app, _imported_modules(source, "blasphemer.evaluation")))

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from blasphemer import preflight
+from blasphemer.app import preflight
+from blasphemer.app.preflight import Budget
 from blasphemer.errors import ConfigError, ModelLoadError, StorageError
-from blasphemer.preflight import Budget
 
 GIB = 2**30
 

@@ -22,8 +22,9 @@ import gguf
 import pytest
 import torch
 
-from blasphemer import architectures, cli, export, prompts
+from blasphemer import architectures, export, prompts
 from blasphemer.ablation import AblationParameters, KernelParameters, as_out_in
+from blasphemer.app import cli
 from blasphemer.architectures.base import ComponentKind, ModelMap
 from blasphemer.directions import Directions, compute_directions
 from blasphemer.editing import apply_ablation, merge_ablation

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from blasphemer.ablation import AblationParameters, KernelParameters
+from blasphemer.app.report import front_rows, plot_kernels, write_report
 from blasphemer.architectures.base import ComponentKind
 from blasphemer.export import HeldOutScores
 from blasphemer.optimization.objective import TrialResult
 from blasphemer.optimization.selection import pareto_front, recommended
-from blasphemer.report import front_rows, plot_kernels, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PARAMETERS = AblationParameters(

@@ -54,9 +54,9 @@ def _command(demo_model: Path, *args: str | Path) -> list[str]:
     """``blasphemer ARGS``; ``demo`` uses the development stand-in when one is configured."""
     if args[:1] == ("demo",) and os.environ.get("BLASPHEMER_TEST_DEMO_MODEL"):
         launcher = (
-            "import sys; from pathlib import Path; import blasphemer.pipeline as p; "
+            "import sys; from pathlib import Path; import blasphemer.app.pipeline as p; "
             f"p.demo_model_path = lambda: Path({str(demo_model)!r}); "
-            "from blasphemer.cli import main; sys.exit(main(sys.argv[1:]))"
+            "from blasphemer.app.cli import main; sys.exit(main(sys.argv[1:]))"
         )
         return [sys.executable, "-c", launcher, *map(str, args)]
     return [str(SCRIPT), *map(str, args)]

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from blasphemer import cli, export
+from blasphemer import export
+from blasphemer.app import cli
 from test_cli import FAST, _save_chat_model
 
 _CHILD = """
 import sys, time
 from pathlib import Path
 import transformers
-from blasphemer import cli, export
+from blasphemer import export
+from blasphemer.app import cli
 
 ready, where = Path(sys.argv[1]), sys.argv[2]
 

@@ -1,4 +1,4 @@
-"""Command line: parse, build :class:`~blasphemer.config.Settings`, dispatch, return an exit code.
+"""Command line: parse, build :class:`~blasphemer.app.config.Settings`, dispatch, exit code.
 
 ``blasphemer MODEL`` is short for ``blasphemer run MODEL``. Every option of ``run`` is generated
 from the settings fields, so ``--help`` and ``config.default.toml`` never disagree with the code.
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from blasphemer.config import Settings, load_settings
-from blasphemer.console import Console
+from blasphemer.app.config import Settings, load_settings
+from blasphemer.app.console import Console
 from blasphemer.errors import BlasphemerError, ConfigError
 
 SUBCOMMANDS = ("run", "demo", "worker", "status", "evaluate", "chat", "inspect", "export-gguf")
@@ -271,18 +271,18 @@ def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
             raise ConfigError(
                 "no model given; run `blasphemer MODEL` with a hub id or a local folder"
             )
-        from blasphemer import pipeline
+        from blasphemer.app import pipeline
 
         return pipeline.run(settings, console)
     if command == "demo":
-        from blasphemer import pipeline
+        from blasphemer.app import pipeline
 
         return pipeline.demo(load_settings(values, config_file), console)
     if command == "worker":
-        from blasphemer import worker
+        from blasphemer.app import worker
 
         return worker.work(load_settings(values, config_file), console)
-    from blasphemer import commands
+    from blasphemer.app import commands
 
     if command == "status":
         return commands.status(load_settings(values, config_file), console)

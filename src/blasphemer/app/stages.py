@@ -1,4 +1,4 @@
-"""The stage implementations that :mod:`blasphemer.pipeline` sequences.
+"""The stage implementations that :mod:`blasphemer.app.pipeline` sequences.
 
 Each function does one numbered stage of a run (or a worker's share of one) and returns a value
 object for the next; none of them calls another stage.
@@ -12,9 +12,18 @@ from pathlib import Path
 import optuna
 import torch
 
-from blasphemer import architectures, export, gguf_export, gguf_source, loading, preflight, report
-from blasphemer.config import Settings
-from blasphemer.console import Console, TrialMonitor, tier
+from blasphemer import architectures, export, gguf_export, gguf_source, loading
+from blasphemer.app import preflight, report
+from blasphemer.app.config import Settings
+from blasphemer.app.console import Console, TrialMonitor, tier
+from blasphemer.app.context import (
+    ATTR_BUDGET,
+    Prompts,
+    Scorers,
+    select_prompts,
+    store_metadata,
+    study_fingerprint,
+)
 from blasphemer.directions import Directions, compute_directions
 from blasphemer.editing import apply_ablation
 from blasphemer.errors import ConfigError
@@ -37,14 +46,6 @@ from blasphemer.optimization import (
 )
 from blasphemer.optimization.runner import BudgetGate, run_trials
 from blasphemer.residuals import mean_residuals
-from blasphemer.workspace import (
-    ATTR_BUDGET,
-    Prompts,
-    Scorers,
-    select_prompts,
-    store_metadata,
-    study_fingerprint,
-)
 
 
 def slug(model_id: str) -> str:

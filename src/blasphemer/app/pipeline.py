@@ -15,9 +15,15 @@ from typing import Any
 
 import torch
 
-from blasphemer import architectures, loading, stages
-from blasphemer.config import Settings
-from blasphemer.console import Console
+from blasphemer import architectures, loading
+from blasphemer.app import stages
+from blasphemer.app.config import Settings
+from blasphemer.app.console import Console
+from blasphemer.app.context import (
+    Prompts,
+    build_scorers,
+    load_prompts,
+)
 from blasphemer.directions import Directions
 from blasphemer.editing import apply_ablation
 from blasphemer.evaluation.markers import is_refusal
@@ -26,11 +32,6 @@ from blasphemer.optimization import (
     TrialResult,
     completed_results,
     pareto_front,
-)
-from blasphemer.workspace import (
-    Prompts,
-    build_scorers,
-    load_prompts,
 )
 
 STAGES = 10

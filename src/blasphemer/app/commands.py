@@ -12,9 +12,11 @@ import optuna
 import torch
 from transformers import TextIteratorStreamer
 
-from blasphemer import architectures, gguf_source, loading, preflight
-from blasphemer.config import Settings
-from blasphemer.console import Console, tier
+from blasphemer import architectures, gguf_source, loading
+from blasphemer.app import preflight
+from blasphemer.app.config import Settings
+from blasphemer.app.console import Console, tier
+from blasphemer.app.context import ATTR_BUDGET, load_prompts
 from blasphemer.errors import ConfigError, StorageError
 from blasphemer.evaluation import KLScorer, RefusalScorer, wilson_interval
 from blasphemer.optimization import (
@@ -25,7 +27,6 @@ from blasphemer.optimization import (
     recommended,
     redact_url,
 )
-from blasphemer.workspace import ATTR_BUDGET, load_prompts
 
 
 @dataclass(frozen=True)

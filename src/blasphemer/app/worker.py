@@ -6,9 +6,18 @@ import time
 
 import optuna
 
-from blasphemer import preflight, stages
-from blasphemer.config import Settings
-from blasphemer.console import Console
+from blasphemer.app import preflight, stages
+from blasphemer.app.config import Settings
+from blasphemer.app.console import Console
+from blasphemer.app.context import (
+    ATTR_BUDGET,
+    ATTR_DIRECTIONS,
+    ATTR_SETTINGS,
+    build_scorers,
+    load_prompts,
+    read_metadata,
+    study_fingerprint,
+)
 from blasphemer.errors import ConfigError, StorageError
 from blasphemer.optimization import (
     SearchSpace,
@@ -18,15 +27,6 @@ from blasphemer.optimization import (
     redact_url,
 )
 from blasphemer.optimization.study import FINGERPRINT_ATTR
-from blasphemer.workspace import (
-    ATTR_BUDGET,
-    ATTR_DIRECTIONS,
-    ATTR_SETTINGS,
-    build_scorers,
-    load_prompts,
-    read_metadata,
-    study_fingerprint,
-)
 
 WORKER_WAIT_S = 3600  # how long a worker waits for `run` to start its study
 WORKER_POLL_S = 2.0

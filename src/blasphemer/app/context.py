@@ -1,6 +1,6 @@
 """The prepared pieces of a run that every worker of a study shares, built from settings.
 
-:mod:`blasphemer.pipeline` sequences the stages; this module holds what the stages build and
+:mod:`blasphemer.app.pipeline` sequences the stages; this module holds what the stages build and
 the small steps that build them (prompt splits, scorers, study metadata), so that ``run`` and
 ``worker`` build them the same way.
 """
@@ -21,7 +21,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from blasphemer import prompts as prompt_sets
-from blasphemer.config import Settings
+from blasphemer.app.config import Settings
 from blasphemer.directions import Directions
 from blasphemer.errors import DatasetError, StorageError
 from blasphemer.evaluation import KLScorer, RefusalScorer, ScorerContext, load_scorers
