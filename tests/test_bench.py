@@ -551,7 +551,7 @@ def test_scaling_merge_takes_medians_over_repeats() -> None:
 
 
 def test_recorded_timings_are_read_from_the_key_the_run_writes(tmp_path: Path) -> None:
-    from blasphemer.export import write_results
+    from blasphemer.app.results import write_results
 
     path = write_results(
         tmp_path / "results.json",

@@ -25,17 +25,11 @@ from transformers import (
 )
 
 from blasphemer.ablation import AblationParameters, KernelParameters
+from blasphemer.app.results import HeldOutScores, model_card, upload_to_hub, write_results
 from blasphemer.architectures.base import ComponentKind, Layout, ModelMap, Writer
 from blasphemer.editing import apply_ablation
 from blasphemer.errors import ExportError
-from blasphemer.export import (
-    HeldOutScores,
-    check_output_dir,
-    model_card,
-    save_merged,
-    upload_to_hub,
-    write_results,
-)
+from blasphemer.export import check_output_dir, save_merged
 from blasphemer.optimization.objective import Objective, TrialResult, completed_results
 from blasphemer.optimization.search_space import SearchSpace
 from blasphemer.optimization.selection import pareto_front

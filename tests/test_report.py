@@ -6,8 +6,8 @@ from pathlib import Path
 
 from blasphemer.ablation import AblationParameters, KernelParameters
 from blasphemer.app.report import front_rows, plot_kernels, write_report
+from blasphemer.app.results import HeldOutScores
 from blasphemer.architectures.base import ComponentKind
-from blasphemer.export import HeldOutScores
 from blasphemer.optimization.objective import TrialResult
 from blasphemer.optimization.selection import pareto_front, recommended
 

@@ -26,8 +26,7 @@ _CHILD = """
 import sys, time
 from pathlib import Path
 import transformers
-from blasphemer import export
-from blasphemer.app import cli
+from blasphemer.app import cli, results
 
 ready, where = Path(sys.argv[1]), sys.argv[2]
 
@@ -42,7 +41,7 @@ if where == "weights":
         hold()
     transformers.PreTrainedModel.save_pretrained = save_pretrained
 else:
-    export.write_results = lambda *args, **kwargs: hold()
+    results.write_results = lambda *args, **kwargs: hold()
 sys.exit(cli.main(sys.argv[3:]))
 """
 

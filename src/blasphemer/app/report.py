@@ -17,8 +17,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from blasphemer.ablation import AblationParameters
+from blasphemer.app.results import HeldOutScores
 from blasphemer.evaluation.markers import wilson_interval
-from blasphemer.export import HeldOutScores
 from blasphemer.optimization.objective import TrialResult
 from blasphemer.optimization.selection import recommended, tier
 

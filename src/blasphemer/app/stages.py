@@ -14,6 +14,7 @@ import torch
 
 from blasphemer import architectures, export, gguf_export, gguf_source, loading
 from blasphemer.app import preflight, report
+from blasphemer.app import results as result_files
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console, TrialMonitor, tier
 from blasphemer.app.context import (
@@ -287,7 +288,7 @@ def held_out(
     front: list[TrialResult],
     batch: int,
     console: Console,
-) -> dict[int, export.HeldOutScores]:
+) -> dict[int, result_files.HeldOutScores]:
     """Report-split refusals (full length) and KL for the front's trials, plus the original."""
     refusals = RefusalScorer(
         loaded,
@@ -302,7 +303,7 @@ def held_out(
         loaded, prompts.harmless.report, batch_size=batch, positions=settings.kl_positions
     )
     original = refusals.evaluate()
-    scores: dict[int, export.HeldOutScores] = {}
+    scores: dict[int, result_files.HeldOutScores] = {}
     shown = held_out_order(front)[: settings.held_out_trials]
     with console.progress("held-out evaluation of front trials", len(shown)) as advance:
         for result in shown:
@@ -316,7 +317,7 @@ def held_out(
             ):
                 outcome = refusals.evaluate()
                 divergence = kl.score()
-            scores[result.number] = export.HeldOutScores(
+            scores[result.number] = result_files.HeldOutScores(
                 refusals=sum(outcome.refused),
                 n_prompts=len(outcome.refused),
                 kl=divergence,
@@ -419,7 +420,7 @@ def save(
     results: list[TrialResult],
     front: list[TrialResult],
     chosen: TrialResult,
-    held_out: dict[int, export.HeldOutScores],
+    held_out: dict[int, result_files.HeldOutScores],
     output_dir: Path,
     console: Console,
     timings: dict[str, float] | None = None,
@@ -437,7 +438,7 @@ def save(
         loaded, model_map, directions, chosen.parameters, output_dir, overwrite=True
     )
     written = write_gguf(folder, settings.gguf, loaded, console) if settings.gguf else None
-    card = export.model_card(
+    card = result_files.model_card(
         base_model=loaded.model_id,
         parameters=chosen.parameters,
         trial_number=chosen.number,
@@ -447,7 +448,7 @@ def save(
         gguf_export=written,
     )
     export.write_text_atomic(folder / "README.md", card)
-    export.write_results(
+    result_files.write_results(
         folder / "results.json",
         settings=settings.model_dump(mode="json"),
         trials=results,
@@ -473,5 +474,7 @@ def save(
     )
     console.info(f"saved trial {chosen.number} to {folder} (report: {files.markdown})")
     if settings.upload_repo:
-        url = export.upload_to_hub(folder, settings.upload_repo, private=settings.upload_private)
+        url = result_files.upload_to_hub(
+            folder, settings.upload_repo, private=settings.upload_private
+        )
         console.info(f"uploaded to {url}")
