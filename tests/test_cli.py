@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 
 import optuna
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from blasphemer import loading
@@ -36,8 +35,8 @@ from blasphemer.app.config import Settings, default_toml
 from blasphemer.app.console import Console, tier
 from blasphemer.optimization import default_storage_url, default_study_name
 from blasphemer.prompts import bundled_splits
-from test_loading import _tokenizer as word_tokenizer
-from tiny_models import VOCAB, build_tiny
+from test_loading import _tokenizer as loading_tokenizer
+from tiny_models import VOCAB, build_tiny, word_tokenizer
 
 DEFAULTS_FILE = Path(cli.__file__).parents[1] / "config.default.toml"
 CHAT_TEMPLATE = (
@@ -79,12 +78,10 @@ def _chat_tokenizer() -> PreTrainedTokenizerFast:
         for prompt in bundled_splits(kind).fit.prompts:
             counts.update(prompt.text.lower().split())
     words = [w for w, _ in counts.most_common() if w not in SPECIALS][: VOCAB - len(SPECIALS)]
-    vocab = {token: index for index, token in enumerate([*SPECIALS, *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    tokenizer = word_tokenizer(
+        [*SPECIALS, *words],
+        unknown="<unk>",
+        added_special=SPECIALS,
         bos_token="<s>",
         eos_token="<|end|>",
         unk_token="<unk>",
@@ -1047,7 +1044,7 @@ def test_inspect_json_on_a_tiny_saved_model(
 ) -> None:
     folder = tmp_path / "tiny-llama"
     build_tiny("llama").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
+    loading_tokenizer().save_pretrained(folder)
     result = blasphemer("inspect", folder, "--json", "--dtypes", "float32")
     assert result.code == 0, result.err
     description = json.loads(result.out)

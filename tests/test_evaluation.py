@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from blasphemer.architectures.base import ComponentKind
 from blasphemer.editing import apply_ablation
@@ -30,7 +29,7 @@ from blasphemer.evaluation import (
     wilson_interval,
 )
 from blasphemer.evaluation.markers import has_content
-from tiny_models import llama_map_by_hand
+from tiny_models import llama_map_by_hand, tiny_llama, word_tokenizer
 
 VOCAB = ["<pad>", "<s>", "</s>", "<a>", "<think>", "</think>", *(f"w{i}" for i in range(90))]
 ASSISTANT, THINK, END_THINK = 3, 4, 5
@@ -45,27 +44,17 @@ class Loaded:
 
 
 def make_loaded(seed: int = 0, dtype: torch.dtype = torch.float64) -> Loaded:
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="w0"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    tokenizer = word_tokenizer(
+        VOCAB,
+        unknown="w0",
+        split_punctuation=False,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
     )
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.2,  # peaked next-token distributions, so edits move KL clearly
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval().to(dtype)
-    return Loaded(model, tokenizer)
+    # initializer_range 0.2: peaked next-token distributions, so edits move KL clearly.
+    model = tiny_llama(len(VOCAB), layers=3, seed=seed, initializer_range=0.2)
+    return Loaded(model.to(dtype), tokenizer)
 
 
 def make_texts(n: int, seed: int = 2) -> list[str]:

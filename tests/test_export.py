@@ -15,11 +15,9 @@ from typing import Any
 import optuna
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -33,6 +31,7 @@ from blasphemer.export import check_output_dir, save_merged
 from blasphemer.optimization.objective import Objective, TrialResult, completed_results
 from blasphemer.optimization.search_space import SearchSpace
 from blasphemer.optimization.selection import pareto_front
+from tiny_models import tiny_llama, word_tokenizer
 
 WORDS = ["hello", "world", "how", "do", "i", "make", "a", "cake", "bomb", "please", "no", "sorry"]
 N_LAYERS, HIDDEN = 3, 32
@@ -65,11 +64,12 @@ class RandomDirections:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    return word_tokenizer(
+        ["<pad>", "<eos>", "<unk>", *WORDS],
+        unknown="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
     )
 
 
@@ -103,21 +103,16 @@ def model_map_of(model: LlamaForCausalLM) -> ModelMap:
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    model = tiny_llama(
+        len(tokenizer),
+        layers=N_LAYERS,
+        hidden=HIDDEN,
+        positions=64,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    model = LlamaForCausalLM(config)
     folder = tmp_path_factory.mktemp("source")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -12,11 +12,9 @@ from itertools import pairwise
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
@@ -34,35 +32,26 @@ from blasphemer.evaluation.generation import (
     strip_response_prefix,
 )
 from blasphemer.evaluation.markers import RefusalMarkers, has_content, normalize
+from tiny_models import tiny_llama, word_tokenizer
 
 VOCAB = ["<pad>", "<s>", "</s>", *(f"w{i}" for i in range(100))]
 MAX_NEW = 20
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    return word_tokenizer(
+        VOCAB,
+        unknown="w0",
+        split_punctuation=False,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
     )
 
 
 def make_llama(seed: int = 0, eos_boost: float = 2.0) -> LlamaForCausalLM:
     """Tiny random Llama in float64 (no arg-max near-ties); EOS made likely for some prompts."""
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval().double()
+    model = tiny_llama(len(VOCAB), seed=seed).double()
     with torch.no_grad():
         model.lm_head.weight[2] *= eos_boost
     return model

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessorPil,
     LlavaForConditionalGeneration,
@@ -20,7 +19,7 @@ from transformers import (
 from blasphemer import loading
 from blasphemer.errors import ConfigError, ModelLoadError
 from blasphemer.loading import LoadedModel, load_model
-from tiny_models import build_tiny
+from tiny_models import build_tiny, word_tokenizer
 
 SAMPLE = "the capital of france is hello world how are you"
 WORDS = SAMPLE.split()
@@ -28,12 +27,12 @@ WORDS = SAMPLE.split()
 
 def _tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer built offline, deliberately without a pad token."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": 3}
-    vocab.update({word: index + 4 for index, word in enumerate(WORDS)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    return word_tokenizer(
+        ["<unk>", "<s>", "</s>", "<image>", *WORDS],
+        unknown="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
 
 

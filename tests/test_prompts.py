@@ -310,13 +310,11 @@ THINKING_ALWAYS = (
 
 
 def _tokenizer(template: str | None) -> Any:
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    vocab = {"[UNK]": 0, "[PAD]": 1, "hello": 2}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]"
+    pytest.importorskip("transformers")
+    from tiny_models import word_tokenizer
+
+    tok = word_tokenizer(
+        ["[UNK]", "[PAD]", "hello"], unknown="[UNK]", unk_token="[UNK]", pad_token="[PAD]"
     )
     if template is not None:
         tok.chat_template = template

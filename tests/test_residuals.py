@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from blasphemer.architectures import resolve
 from blasphemer.errors import DatasetError
 from blasphemer.loading import LoadedModel
 from blasphemer.residuals import Residuals, mean_residuals, record_last_token
-from tiny_models import TINY, build_tiny, llama_map_by_hand
+from tiny_models import TINY, build_tiny, llama_map_by_hand, word_tokenizer
 
 TEXTS = [
     "how do i bake bread",
@@ -26,12 +25,12 @@ WORDS = sorted({word for text in TEXTS for word in text.split()})
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({word: index + 4 for index, word in enumerate(WORDS)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    tokenizer = word_tokenizer(
+        ["<pad>", "<s>", "</s>", "<unk>", *WORDS],
+        unknown="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
     tokenizer.padding_side = "left"
     tokenizer.pad_token = "<pad>"

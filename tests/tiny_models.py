@@ -8,11 +8,12 @@ the wrong space (the Gemma post-norm case).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -25,6 +26,7 @@ from transformers import (
     GPTNeoXConfig,
     GptOssConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     MistralConfig,
     MixtralConfig,
@@ -33,6 +35,7 @@ from transformers import (
     Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2MoeConfig,
     Qwen2VLConfig,
@@ -276,3 +279,56 @@ def llama_map_by_hand(model: Any) -> ModelMap:
     return ModelMap(
         "llama", "model.layers", layers, writers, model.config.hidden_size, model.model.embed_tokens
     )
+
+
+def word_tokenizer(
+    tokens: Sequence[str],
+    *,
+    unknown: str,
+    split_punctuation: bool = True,
+    added_special: Sequence[str] = (),
+    **special: str,
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built offline: ``tokens[i]`` gets id ``i``.
+
+    ``unknown`` is the backend's unknown token (any word not in ``tokens`` maps to it);
+    ``split_punctuation`` splits at punctuation as well as whitespace; ``added_special`` are
+    registered as special tokens on the backend; ``special`` (``pad_token="<pad>"``, ...) names
+    the special tokens of the returned tokenizer.
+    """
+    backend = Tokenizer(models.WordLevel({token: i for i, token in enumerate(tokens)}, unknown))
+    backend.pre_tokenizer = (
+        pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
+    )
+    if added_special:
+        backend.add_special_tokens(list(added_special))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+def tiny_llama(
+    vocab_size: int,
+    *,
+    layers: int = 2,
+    seed: int = 0,
+    hidden: int = 32,
+    positions: int = 256,
+    **config: Any,
+) -> LlamaForCausalLM:
+    """A tiny random Llama (MLP 64, 4 heads, 2 key-value heads) seeded with ``seed``, in eval mode.
+
+    Special ids default to pad 0, bos 1, eos 2; ``config`` overrides them or adds other
+    ``LlamaConfig`` fields (``initializer_range`` ...). Weights are float32.
+    """
+    settings: dict[str, Any] = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2) | config
+    llama_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        **settings,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config).eval()
