@@ -32,8 +32,8 @@ from transformers import PreTrainedTokenizerFast
 from blasphemer import loading
 from blasphemer.app import cli, pipeline, preflight
 from blasphemer.app.config import Settings, default_toml
-from blasphemer.app.console import Console, tier
-from blasphemer.optimization import default_storage_url, default_study_name
+from blasphemer.app.console import Console
+from blasphemer.optimization import default_storage_url, default_study_name, tier
 from blasphemer.prompts import bundled_splits
 from test_loading import _tokenizer as loading_tokenizer
 from tiny_models import VOCAB, build_tiny, word_tokenizer
@@ -1036,7 +1036,7 @@ def test_quiet_mode_prints_plain_lines_even_on_a_terminal() -> None:
     ],
 )
 def test_tiers(rate: float, kl: float, expected: str) -> None:
-    assert tier(rate, kl) == expected
+    assert tier(rate, kl).value == expected
 
 
 def test_inspect_json_on_a_tiny_saved_model(

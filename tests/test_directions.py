@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from blasphemer.directions import Directions, DirectionsFileError, compute_directions
-from blasphemer.errors import BlasphemerError
+from blasphemer.directions import Directions, compute_directions
 from blasphemer.residuals import Residuals
 
 N_LAYERS = 5
@@ -156,54 +153,3 @@ def test_for_layers() -> None:
     assert global_.shape == (N_LAYERS, HIDDEN)
     for layer in range(N_LAYERS):
         assert torch.equal(global_[layer], directions.at(2.5))
-
-
-def test_save_load_round_trip(tmp_path: Path) -> None:
-    harmful, harmless, _ = _planted()
-    directions = compute_directions(harmful, harmless, projected=True)
-    directions = Directions(
-        directions.vectors, directions.strength, {**directions.metadata, "model": "tiny"}
-    )
-    path = tmp_path / "directions.safetensors"
-    directions.save(path)
-    loaded = Directions.load(path)
-    assert torch.equal(loaded.vectors, directions.vectors)
-    assert torch.equal(loaded.strength, directions.strength)
-    assert dict(loaded.metadata) == {"projected": "true", "model": "tiny"}
-
-
-def test_load_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(DirectionsFileError, match="does not exist") as error:
-        Directions.load(tmp_path / "missing.safetensors")
-    assert isinstance(error.value, BlasphemerError)
-    assert "\n" not in str(error.value)
-
-
-def test_load_garbage_file(tmp_path: Path) -> None:
-    path = tmp_path / "garbage.safetensors"
-    path.write_bytes(b"this is not a safetensors file at all")
-    with pytest.raises(DirectionsFileError, match="not a readable safetensors") as error:
-        Directions.load(path)
-    assert "\n" not in str(error.value)
-
-
-def test_load_other_safetensors_file(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path = tmp_path / "weights.safetensors"
-    save_file({"weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(DirectionsFileError, match="not a Blasphemer directions file"):
-        Directions.load(path)
-
-
-def test_load_damaged_directions_file(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path = tmp_path / "damaged.safetensors"
-    save_file(
-        {"vectors": torch.zeros(3, 4), "strength": torch.zeros(2)},
-        str(path),
-        metadata={"format": "blasphemer-directions", "format_version": "1"},
-    )
-    with pytest.raises(DirectionsFileError, match="damaged"):
-        Directions.load(path)

@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 import pytest
+from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from blasphemer.errors import StorageError
@@ -17,7 +18,6 @@ from blasphemer.optimization import study as study_module
 from blasphemer.optimization.fingerprint import build_fingerprint
 from blasphemer.optimization.study import (
     FINGERPRINT_ATTR,
-    budget_callback,
     count_trials,
     create_or_load_study,
     default_storage_url,
@@ -26,7 +26,6 @@ from blasphemer.optimization.study import (
     normalize_url,
     open_storage,
     redact_url,
-    remaining_trials,
 )
 from postgres_server import PostgresServer, find_bin_dir
 
@@ -177,21 +176,12 @@ ASK_WITH_HEARTBEAT = pytest.mark.filterwarnings("ignore:Heartbeat of storage:Use
 
 
 @ASK_WITH_HEARTBEAT
-def test_counts_and_remaining(url: str) -> None:
+def test_counts(url: str) -> None:
     study = _open(url).study
     _run(study, 3)
     study.ask()  # one running trial (another worker's, say)
     counts = count_trials(study)
     assert (counts.complete, counts.running, counts.used) == (3, 1, 4)
-    assert remaining_trials(study, 10) == 6
-    assert remaining_trials(study, 2) == 0
-
-
-def test_budget_callback_stops_at_the_study_total(url: str) -> None:
-    study = _open(url).study
-    _run(study, 2)
-    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 0.0), callbacks=[budget_callback(5)])
-    assert count_trials(study).complete == 5
 
 
 def _first_random_x(study: optuna.Study) -> float:
@@ -280,6 +270,10 @@ def postgres() -> Iterator[PostgresServer]:
     server.stop()
 
 
+# Stops every worker once the whole study has used 12 trials (running ones count).
+SHARED_BUDGET = MaxTrialsCallback(12, states=(TrialState.COMPLETE, TrialState.RUNNING))
+
+
 def _optimize_in_process(url: str, barrier: Any, results: Any) -> None:
     barrier.wait()
     try:
@@ -287,7 +281,7 @@ def _optimize_in_process(url: str, barrier: Any, results: Any) -> None:
             url, "shared", seed=None, fingerprint=FINGERPRINT, resume=True
         )
         opened.study.optimize(
-            lambda t: (t.suggest_float("x", 0, 1), 0.0), callbacks=[budget_callback(12)]
+            lambda t: (t.suggest_float("x", 0, 1), 0.0), callbacks=[SHARED_BUDGET]
         )
         results.put(("ok", opened.study._study_id))
     except Exception as error:  # report any failure to the parent, which asserts on it

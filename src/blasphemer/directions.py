@@ -15,21 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
-from blasphemer.errors import BlasphemerError
 from blasphemer.residuals import Residuals
-
-_FORMAT = "blasphemer-directions"
-_FORMAT_VERSION = "1"
-
-
-class DirectionsFileError(BlasphemerError):
-    """A saved directions file is missing, unreadable, or not a directions file."""
 
 
 @dataclass(frozen=True)
@@ -91,45 +80,6 @@ class Directions:
         if direction_index is None:
             return self.vectors.clone()
         return self.at(direction_index).unsqueeze(0).repeat(self.n_layers, 1)
-
-    def save(self, path: str | Path) -> None:
-        """Write a safetensors file with ``vectors``, ``strength`` and the metadata."""
-        metadata = {**self.metadata, "format": _FORMAT, "format_version": _FORMAT_VERSION}
-        save_file(
-            {
-                "vectors": self.vectors.detach().to("cpu", torch.float32).contiguous(),
-                "strength": self.strength.detach().to("cpu", torch.float32).contiguous(),
-            },
-            str(path),
-            metadata=metadata,
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> Directions:
-        """Read a file written by :meth:`save`; any problem raises :class:`DirectionsFileError`."""
-        path = Path(path)
-        if not path.is_file():
-            raise DirectionsFileError(f"directions file {path} does not exist; check the path")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise DirectionsFileError(
-                f"{path} is not a readable safetensors file ({error}); recompute the directions"
-            ) from error
-        if metadata.get("format") != _FORMAT or not {"vectors", "strength"} <= tensors.keys():
-            raise DirectionsFileError(
-                f"{path} is not a Blasphemer directions file; recompute the directions"
-            )
-        for key in ("format", "format_version"):
-            metadata.pop(key, None)
-        try:
-            return cls(tensors["vectors"], tensors["strength"], metadata)
-        except ValueError as error:
-            raise DirectionsFileError(
-                f"{path} is damaged ({error}); recompute the directions"
-            ) from error
 
 
 def compute_directions(

@@ -15,7 +15,7 @@ from transformers import TextIteratorStreamer
 from blasphemer import architectures, gguf_source, loading
 from blasphemer.app import preflight
 from blasphemer.app.config import Settings
-from blasphemer.app.console import Console, tier
+from blasphemer.app.console import Console
 from blasphemer.app.context import ATTR_BUDGET, load_prompts
 from blasphemer.errors import ConfigError, StorageError
 from blasphemer.evaluation import KLScorer, RefusalScorer, wilson_interval
@@ -26,6 +26,7 @@ from blasphemer.optimization import (
     pareto_front,
     recommended,
     redact_url,
+    tier,
 )
 
 
@@ -139,7 +140,7 @@ def evaluate(settings: Settings, base_ref: ModelRef, as_json: bool, console: Con
                 ["refusals", f"{refused}/{n} = {refused / n:.1%} [{low:.1%}-{high:.1%}]"],
                 ["base refusals", f"{base_refused}/{n} = {base_refused / n:.1%}"],
                 ["KL (first token)", f"{divergence:.4f}"],
-                ["tier", tier(refused / n, divergence)],
+                ["tier", tier(refused / n, divergence).value],
             ],
         )
     return 0
@@ -218,7 +219,7 @@ def status(settings: Settings, console: Console) -> int:
                 f"{mark}{r.number}",
                 f"{r.refusal_rate:.1%} [{low:.0%}-{high:.0%}]",
                 f"{r.kl:.3f}",
-                tier(r.refusal_rate, r.kl),
+                tier(r.refusal_rate, r.kl).value,
             ]
         )
     console.table("current Pareto front", ["trial", "refusals", "KL", "tier"], rows)

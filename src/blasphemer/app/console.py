@@ -20,18 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.prompt import Confirm, Prompt
 from rich.table import Table
 
+from blasphemer.optimization.selection import tier
+
 TREND_IMPROVING, TREND_WORSE, TREND_FLAT = "▼", "▲", "■"
-
-
-def tier(refusal_rate: float, kl: float) -> str:
-    """Expected quality tier of a trial from its refusal rate (0..1) and KL divergence."""
-    if refusal_rate < 0.01 and kl < 0.15:
-        return "Excellent"
-    if refusal_rate <= 0.025 and kl <= 0.25:
-        return "Very good"
-    if refusal_rate <= 0.05 and kl <= 0.40:
-        return "Good"
-    return "Poor"
 
 
 def format_duration(seconds: float) -> str:
@@ -94,7 +85,7 @@ class TrialMonitor:
         if self.best is not None:
             number, rate, kl = self.best
             best = f"best #{number}: refusals {rate:.1%}, KL {kl:.3f}"
-            parts.append(f"{best} {self.trend()} ({tier(rate, kl)})")
+            parts.append(f"{best} {self.trend()} ({tier(rate, kl).value})")
         return " | ".join(parts)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,7 +221,3 @@ def read_metadata(study: optuna.Study, shown_url: str) -> tuple[dict[str, Any], 
         decode_directions(attrs[ATTR_DIRECTIONS]),
         int(attrs.get(ATTR_BUDGET, 0)),
     )
-
-
-def settings_digest(data: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

@@ -16,7 +16,7 @@ from blasphemer import architectures, export, gguf_export, gguf_source, loading
 from blasphemer.app import preflight, report
 from blasphemer.app import results as result_files
 from blasphemer.app.config import Settings
-from blasphemer.app.console import Console, TrialMonitor, tier
+from blasphemer.app.console import Console, TrialMonitor
 from blasphemer.app.context import (
     ATTR_BUDGET,
     Prompts,
@@ -44,6 +44,7 @@ from blasphemer.optimization import (
     parse_rule,
     recommended,
     redact_url,
+    tier,
 )
 from blasphemer.optimization.runner import BudgetGate, run_trials
 from blasphemer.residuals import mean_residuals
@@ -342,7 +343,7 @@ def held_out(
                 + str(result.number),
                 f"{result.refusal_rate:.1%} [{low:.0%}-{high:.0%}]",
                 f"{result.kl:.3f}",
-                tier(result.refusal_rate, result.kl),
+                tier(result.refusal_rate, result.kl).value,
                 *report_cells,
             ]
         )

@@ -22,9 +22,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from blasphemer.errors import ConfigError
-from blasphemer.optimization.objective import TrialResult
+
+if TYPE_CHECKING:  # annotations only: the console imports tier() without torch or optuna
+    from blasphemer.optimization.objective import TrialResult
 
 RULE_FORMS = (
     "a trial number, 'lowest-kl:refusals<=0.05' (or '<=5%'), 'lowest-refusals:kl<=0.2' or 'knee'"

@@ -25,7 +25,6 @@ import numpy as np
 import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from blasphemer.errors import StorageError
@@ -354,24 +353,6 @@ def count_trials(study: optuna.Study) -> TrialCounts:
         failed=states.count(TrialState.FAIL),
         pruned=states.count(TrialState.PRUNED),
     )
-
-
-def remaining_trials(study: optuna.Study, n_trials: int) -> int:
-    """Trials still to run for a budget of ``n_trials``.
-
-    Complete and running trials count; failed ones do not (a trial that failed through a lost
-    heartbeat is re-queued as a waiting trial, which the next ``optimize`` call runs first).
-    """
-    return max(0, n_trials - count_trials(study).used)
-
-
-def budget_callback(n_trials: int) -> MaxTrialsCallback:
-    """Optimize callback that stops a worker once the whole study has used ``n_trials``.
-
-    Pass it to every worker's ``study.optimize(..., callbacks=[...])`` so that many workers
-    together stop at the budget instead of each running its own ``n_trials``.
-    """
-    return MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE, TrialState.RUNNING))
 
 
 def enqueue_once(study: optuna.Study, params: Mapping[str, Any]) -> None:
