@@ -8,14 +8,13 @@ kernels are missing for bfloat16 on older hardware). Every failure it can forese
 Multimodal checkpoints (a ``vision_config``, or a ``...ForConditionalGeneration`` class that
 maps to image-text-to-text) load through ``AutoModelForImageTextToText`` with their processor;
 only the text tower is measured and edited later, but the whole model stays loadable and
-exportable.
+exportable. The checks before any weights load live in :mod:`blasphemer.model_source`.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
-import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,14 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -39,6 +32,19 @@ from transformers import (
 from blasphemer import gguf_source
 from blasphemer.errors import ConfigError, ModelLoadError
 from blasphemer.gguf_source import GgufSource
+from blasphemer.model_source import (
+    ModelSource,
+    auto_class_for,
+    check_bnb_available,
+    check_gguf,
+    check_local_path,
+    check_remote_code,
+    first_line,
+    is_multimodal,
+    load_config,
+    load_processor,
+    load_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +108,21 @@ def load_model(
             f"dtypes must be a non-empty list of auto/{'/'.join(_DTYPES)}, got {list(dtypes)}"
         )
     if quantization == "bnb_4bit":
-        _check_bnb_available()
+        check_bnb_available()
 
     gguf = gguf_source.resolve_source(model_id, gguf_file)
     if gguf is None:
-        _check_local_path(model_id)
+        check_local_path(model_id)
     else:
-        _check_gguf(gguf, quantization)
-    source = _Source(model_id if gguf is None else gguf.location, revision, trust_remote_code, gguf)
-    config = _load_config(source)
-    model_class = _model_class(config)
-    _check_remote_code(model_id, config, model_class, trust_remote_code)
-    processor = _load_processor(source) if _is_multimodal(config) and gguf is None else None
-    tokenizer = _load_tokenizer(source, processor)
+        check_gguf(gguf, quantization)
+    source = ModelSource(
+        model_id if gguf is None else gguf.location, revision, trust_remote_code, gguf
+    )
+    config = load_config(source)
+    model_class = auto_class_for(config)
+    check_remote_code(model_id, config, model_class, trust_remote_code)
+    processor = load_processor(source) if is_multimodal(config) and gguf is None else None
+    tokenizer = load_tokenizer(source, processor)
     device_map = _resolve_device_map(device_map)
 
     request = _Request(source, device_map, quantization, config, model_class)
@@ -136,199 +144,14 @@ def load_model(
 
 
 @dataclass(frozen=True)
-class _Source:
-    """Where from_pretrained reads: a folder or hub id, and the GGUF file in it if any."""
-
-    location: str
-    revision: str | None
-    trust_remote_code: bool
-    gguf: GgufSource | None
-
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments every from_pretrained call of this source takes."""
-        extra: dict[str, Any] = {"revision": self.revision}
-        if self.trust_remote_code:
-            extra["trust_remote_code"] = True
-        if self.gguf is not None:
-            extra["gguf_file"] = self.gguf.filename
-        return extra
-
-    @property
-    def shown(self) -> str:
-        return self.location if self.gguf is None else self.gguf.describe()
-
-
-@dataclass(frozen=True)
 class _Request:
     """What stays the same across the dtype attempts of one :func:`load_model` call."""
 
-    source: _Source
+    source: ModelSource
     device_map: str | dict[str, Any]
     quantization: str
     config: PretrainedConfig
     model_class: Any  # AutoModelForCausalLM or AutoModelForImageTextToText
-
-
-def _check_bnb_available() -> None:
-    if not torch.cuda.is_available():
-        raise ModelLoadError(
-            "4-bit quantisation needs a CUDA GPU; drop --quantization or run on a machine with one"
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(
-            "4-bit quantisation needs the bitsandbytes package; run `pip install bitsandbytes` "
-            "or drop --quantization"
-        )
-
-
-def _looks_like_path(model_id: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else with path syntax is meant as a folder.
-    return (
-        model_id.startswith(("/", "./", "../", "~", "\\"))
-        or model_id.count("/") > 1
-        or (len(model_id) > 1 and model_id[1] == ":")
-    )
-
-
-def _check_local_path(model_id: str) -> None:
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"{model_id} is a folder but not a model (no config.json); "
-                "point to a folder written by save_pretrained, or use a hub id"
-            )
-        return
-    if path.exists():
-        raise ModelLoadError(
-            f"{model_id} is a file, not a model folder; pass the folder that holds config.json"
-        )
-    if _looks_like_path(model_id):
-        raise ModelLoadError(f"model folder {model_id} does not exist; check the path")
-
-
-def _check_gguf(gguf: GgufSource, quantization: str) -> None:
-    if quantization != "none":
-        raise ConfigError(
-            "a GGUF is dequantised on loading; drop --quantization (or load the original weights)"
-        )
-    path = gguf.local_path
-    if path is not None:  # a hub file is checked by transformers after the download
-        gguf_source.check_loadable(gguf_source.read_header(path))
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError("loading a GGUF needs the gguf package; run `pip install gguf`")
-
-
-def _load_config(source: _Source) -> PretrainedConfig:
-    try:
-        config = AutoConfig.from_pretrained(source.location, **source.kwargs())
-    except ValueError as error:
-        if "trust_remote_code" in str(error):
-            raise _remote_code_error(source.shown) from error
-        raise ModelLoadError(
-            f"transformers does not recognise the config of {source.shown} "
-            f"({_first_line(error)}); upgrade transformers or pass --trust-remote-code if the "
-            "model ships its own code"
-        ) from error
-    except OSError as error:
-        raise ModelLoadError(
-            f"cannot read the config of {source.shown} ({_first_line(error)}); "
-            "check the name and revision, your network, or pass a local model folder"
-        ) from error
-    except (StrictDataclassError, TypeError, KeyError, AttributeError) as error:
-        # A config.json whose values have the wrong types or shape (hand-edited, truncated).
-        raise ModelLoadError(
-            f"config.json of {source.shown} is invalid ({_one_line(error)}); fix the file or "
-            "download the model again"
-        ) from error
-    if source.gguf is not None and not getattr(config, "architectures", None):
-        # A GGUF names its architecture only in its metadata; the saved config.json should.
-        mapping = _model_class(config)._model_mapping
-        if type(config) in mapping:
-            config.architectures = [mapping[type(config)].__name__]
-    return config
-
-
-def _remote_code_error(model_id: str) -> ModelLoadError:
-    return ModelLoadError(
-        f"{model_id} needs its own Python code to load; pass --trust-remote-code if you trust it"
-    )
-
-
-def _is_multimodal(config: PretrainedConfig) -> bool:
-    """True for configs of image-text models (a vision tower next to the language model)."""
-    if type(config) not in AutoModelForImageTextToText._model_mapping and not _auto_map_names(
-        config, AutoModelForImageTextToText
-    ):
-        return False
-    architectures = getattr(config, "architectures", None) or []
-    return getattr(config, "vision_config", None) is not None or any(
-        name.endswith("ForConditionalGeneration") for name in architectures
-    )
-
-
-def _auto_map_names(config: PretrainedConfig, auto_class: type) -> bool:
-    auto_map = getattr(config, "auto_map", None) or {}
-    return auto_class.__name__ in auto_map
-
-
-def _model_class(config: PretrainedConfig) -> Any:
-    if _is_multimodal(config):
-        return AutoModelForImageTextToText
-    in_causal = type(config) in AutoModelForCausalLM._model_mapping
-    if not in_causal and type(config) in AutoModelForImageTextToText._model_mapping:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
-
-
-def _check_remote_code(
-    model_id: str, config: PretrainedConfig, model_class: Any, trust_remote_code: bool
-) -> None:
-    has_library_code = type(config) in model_class._model_mapping
-    if not has_library_code and _auto_map_names(config, model_class) and not trust_remote_code:
-        raise _remote_code_error(model_id)
-    if not has_library_code and not _auto_map_names(config, model_class):
-        raise ModelLoadError(
-            f"{model_id} (model_type {getattr(config, 'model_type', '?')!r}) is not a text "
-            "generation model transformers knows; use a causal language model, or upgrade"
-        )
-
-
-def _load_processor(source: _Source) -> Any | None:
-    # Only the tokenizer is needed to measure and edit; a checkpoint without processor files
-    # (text tower saved alone, or an incomplete upload) still loads, just without a processor.
-    try:
-        return AutoProcessor.from_pretrained(source.location, **source.kwargs())
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        logger.warning(
-            "no processor for %s (%s); continuing with the tokenizer alone", source.shown, error
-        )
-        return None
-
-
-def _load_tokenizer(source: _Source, processor: Any | None) -> PreTrainedTokenizerBase:
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs())
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            where = (
-                "the GGUF needs tokenizer.ggml.* metadata"
-                if source.gguf is not None
-                else "the model folder needs tokenizer.json or tokenizer_config.json"
-            )
-            raise ModelLoadError(
-                f"cannot load the tokenizer of {source.shown} ({_first_line(error)}); {where}"
-            ) from error
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelLoadError(
-                f"the tokenizer of {source.shown} has neither a pad nor an eos token; "
-                "set pad_token in its tokenizer_config.json"
-            )
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _resolve_device_map(device_map: str | dict[str, Any]) -> str | dict[str, Any]:
@@ -399,37 +222,37 @@ def _try_load(
         # Corrupt or truncated weights: no other dtype will help.
         raise ModelLoadError(
             f"weight file {_corrupt_weight_file(source)} is corrupt or truncated "
-            f"({_first_line(error)}); download the model again"
+            f"({first_line(error)}); download the model again"
         ) from error
     except OSError as error:
         # Missing or unreadable weight files: no other dtype will help.
         raise ModelLoadError(
-            f"cannot read the weights of {model_id} ({_first_line(error)}); "
+            f"cannot read the weights of {model_id} ({first_line(error)}); "
             "check that the folder or repo holds the *.safetensors files"
         ) from error
     except ImportError as error:
         raise ModelLoadError(
-            f"loading {model_id} needs a missing package ({_first_line(error)}); install it, retry"
+            f"loading {model_id} needs a missing package ({first_line(error)}); install it, retry"
         ) from error
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
         if "mismatched_sizes" in str(error) or "size mismatch" in str(error):
             raise _mismatch_error(source, "have other shapes than config.json says") from error
         # Out of memory, a kernel missing for this dtype on this device, a dtype the
         # checkpoint rejects: the next dtype may well work.
-        reason = f"{type(error).__name__}: {_first_line(error)}"
+        reason = f"{type(error).__name__}: {first_line(error)}"
     del model
     _free_memory()
     return None, reason
 
 
-def _mismatch_error(source: _Source, what: str) -> ModelLoadError:
+def _mismatch_error(source: ModelSource, what: str) -> ModelLoadError:
     return ModelLoadError(
         f"the weights of {source.shown} {what}; config.json and the *.safetensors files come "
         "from different models: download the model again or restore its config.json"
     )
 
 
-def _check_all_weights_loaded(source: _Source, info: dict[str, Any]) -> None:
+def _check_all_weights_loaded(source: ModelSource, info: dict[str, Any]) -> None:
     """Refuse a checkpoint that lacks weights its config calls for (they would be random)."""
     missing = sorted(info.get("missing_keys") or ())
     if missing:
@@ -437,7 +260,7 @@ def _check_all_weights_loaded(source: _Source, info: dict[str, Any]) -> None:
         raise _mismatch_error(source, f"lack {missing[0]}{more}")
 
 
-def _corrupt_weight_file(source: _Source) -> str:
+def _corrupt_weight_file(source: ModelSource) -> str:
     """The first local ``*.safetensors`` file whose header cannot be read (else the source)."""
     folder = Path(source.location).expanduser()
     if folder.is_dir():
@@ -488,15 +311,3 @@ def _free_memory() -> None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _one_line(error: BaseException) -> str:
-    """The whole message of ``error`` on one line (validation errors span several)."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
