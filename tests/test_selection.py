@@ -172,7 +172,7 @@ def test_trial_result_needs_a_complete_trial() -> None:
 
 
 def test_held_out_scoring_starts_with_the_recommended_trial() -> None:
-    from blasphemer.app.stages import held_out_order
+    from blasphemer.app.final_stages import held_out_order
 
     front = pareto_front([result(0, 0.0, 0.30), result(1, 0.02, 0.05), result(2, 0.5, 0.01)])
     star = recommended(front)

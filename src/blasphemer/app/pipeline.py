@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from blasphemer import architectures, loading
-from blasphemer.app import stages
+from blasphemer.app import final_stages, stages
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
 from blasphemer.app.context import (
@@ -119,13 +119,13 @@ def _run(settings: Settings, console: Console) -> Outcome:
     console.stage(9, STAGES, "Pareto front and held-out numbers (report split)")
     results = completed_results(study, space)
     front = pareto_front(results)
-    held_out = stages.held_out(
+    held_out = final_stages.held_out(
         settings, loaded, model_map, directions, prompts, front, batch, console
     )
 
     clock.lap("held_out")
     console.stage(10, STAGES, "Choosing and saving")
-    chosen = stages.choose(settings, results, front, console)
+    chosen = final_stages.choose(settings, results, front, console)
     if chosen is None:
         return Outcome(loaded, model_map, directions, prompts, None, None)
     # results.json "timings_s": seconds per stage, the batch size and why it was chosen.
@@ -134,7 +134,7 @@ def _run(settings: Settings, console: Console) -> Outcome:
         "batch_size": batch,
         "batch_size_choice": batch_choice.to_dict(),
     }
-    stages.save(
+    final_stages.save(
         settings,
         loaded,
         model_map,

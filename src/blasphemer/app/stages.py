@@ -1,7 +1,8 @@
-"""The stage implementations that :mod:`blasphemer.app.pipeline` sequences.
+"""The stage implementations that :mod:`blasphemer.app.pipeline` sequences, up to the search.
 
 Each function does one numbered stage of a run (or a worker's share of one) and returns a value
-object for the next; none of them calls another stage.
+object for the next; none of them calls another stage. Stages 9 and 10 (held-out numbers,
+choosing, saving) are in :mod:`blasphemer.app.final_stages`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from pathlib import Path
 import optuna
 import torch
 
-from blasphemer import architectures, export, gguf_export, gguf_source, loading
-from blasphemer.app import preflight, report
-from blasphemer.app import results as result_files
+from blasphemer import architectures, export, loading
+from blasphemer.app import preflight
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console, TrialMonitor
 from blasphemer.app.context import (
@@ -26,9 +26,7 @@ from blasphemer.app.context import (
     study_fingerprint,
 )
 from blasphemer.directions import Directions, compute_directions
-from blasphemer.editing import apply_ablation
 from blasphemer.errors import ConfigError
-from blasphemer.evaluation import KLScorer, RefusalScorer, wilson_interval
 from blasphemer.evaluation.base import load_scorer_classes
 from blasphemer.evaluation.batching import BatchChoice, choose_batch_size
 from blasphemer.optimization import (
@@ -42,9 +40,7 @@ from blasphemer.optimization import (
     default_study_name,
     enqueue_once,
     parse_rule,
-    recommended,
     redact_url,
-    tier,
 )
 from blasphemer.optimization.runner import BudgetGate, run_trials
 from blasphemer.residuals import mean_residuals
@@ -278,204 +274,3 @@ def optimise(
         heartbeat_interval=settings.heartbeat_interval,
         on_wait=lambda: console.info("waiting for other workers' last trials ..."),
     )
-
-
-def held_out(
-    settings: Settings,
-    loaded: loading.LoadedModel,
-    model_map: architectures.ModelMap,
-    directions: Directions,
-    prompts: Prompts,
-    front: list[TrialResult],
-    batch: int,
-    console: Console,
-) -> dict[int, result_files.HeldOutScores]:
-    """Report-split refusals (full length) and KL for the front's trials, plus the original."""
-    refusals = RefusalScorer(
-        loaded,
-        prompts.harmful.report,
-        markers=settings.refusal_markers,
-        max_new_tokens=settings.max_new_tokens,
-        decided_after=None,
-        stop_at_marker=True,  # same verdicts as full length; refusals just stop sooner
-        batch_size=batch,
-    )
-    kl = KLScorer(
-        loaded, prompts.harmless.report, batch_size=batch, positions=settings.kl_positions
-    )
-    original = refusals.evaluate()
-    scores: dict[int, result_files.HeldOutScores] = {}
-    shown = held_out_order(front)[: settings.held_out_trials]
-    with console.progress("held-out evaluation of front trials", len(shown)) as advance:
-        for result in shown:
-            parameters = result.parameters
-            assert parameters is not None
-            with apply_ablation(
-                model_map,
-                directions.for_layers(parameters.direction_index),
-                parameters.layer_weights(model_map.n_layers),
-                parameters.norm_preserving,
-            ):
-                outcome = refusals.evaluate()
-                divergence = kl.score()
-            scores[result.number] = result_files.HeldOutScores(
-                refusals=sum(outcome.refused),
-                n_prompts=len(outcome.refused),
-                kl=divergence,
-                original_refusals=sum(original.refused),
-            )
-            advance(1)
-    star = recommended(front)
-    rows = []
-    for result in sorted(front, key=lambda r: (r.refusal_rate, r.kl)):
-        low, high = wilson_interval(result.refusals or 0, result.n_prompts or 1)
-        held = scores.get(result.number)
-        report_cells = ["-", "-"]
-        if held is not None:
-            h_low, h_high = wilson_interval(held.refusals, held.n_prompts)
-            report_cells = [
-                f"{held.refusal_rate:.1%} [{h_low:.0%}-{h_high:.0%}]",
-                f"{held.kl:.3f}",
-            ]
-        rows.append(
-            [
-                ("⭐ " if star is not None and star.number == result.number else "")
-                + str(result.number),
-                f"{result.refusal_rate:.1%} [{low:.0%}-{high:.0%}]",
-                f"{result.kl:.3f}",
-                tier(result.refusal_rate, result.kl).value,
-                *report_cells,
-            ]
-        )
-    console.table(
-        f"Pareto front (original model refuses {original.rate:.1%} of held-out harmful prompts)",
-        ["trial", "refusals (select)", "KL (select)", "tier", "refusals (report)", "KL (report)"],
-        rows,
-    )
-    return scores
-
-
-def gguf_record(loaded: loading.LoadedModel) -> dict[str, str] | None:
-    """The GGUF a model was loaded from, with the sha256 of a local file (None otherwise)."""
-    if loaded.gguf is None:
-        return None
-    path = loaded.gguf.local_path
-    return {
-        "file": loaded.gguf.describe(),
-        "sha256": gguf_source.sha256_of(path) if path is not None else "unknown (hub file)",
-    }
-
-
-def write_gguf(
-    folder: Path, kind: str, loaded: loading.LoadedModel, console: Console
-) -> dict[str, object]:
-    """Write ``folder`` (a saved model) as ``folder/<name>-<kind>.gguf``; its record for the card.
-
-    A model loaded from a local GGUF is written from that file: metadata and unedited tensors
-    copied byte for byte, edited tensors in their source type where possible, else ``kind``.
-    """
-    source = loaded.gguf.local_path if loaded.gguf is not None else None
-    target = folder / f"{folder.name}-{kind}.gguf"
-    result = gguf_export.export_gguf(folder, target, type=kind, source_gguf=source, force=True)
-    record = gguf_export.describe(result)
-    console.info(f"GGUF: {target} ({record['summary']})")
-    for note in result.notes:
-        console.warn(f"GGUF: {note}")
-    return record
-
-
-def held_out_order(front: list[TrialResult]) -> list[TrialResult]:
-    """Front trials in the order they are scored on the report split: the recommended one
-    (what ``--yes`` saves) first, then by refusals and KL on the select split."""
-    star = recommended(front)
-    ordered = sorted(front, key=lambda r: (r.refusal_rate, r.kl))
-    if star is None:
-        return ordered
-    return [star, *(r for r in ordered if r.number != star.number)]
-
-
-def choose(
-    settings: Settings, results: list[TrialResult], front: list[TrialResult], console: Console
-) -> TrialResult | None:
-    if not results:
-        console.warn("no trial finished; nothing to save")
-        return None
-    if settings.select is not None:
-        return parse_rule(settings.select).select(results)
-    star = recommended(front)
-    assert star is not None
-    if settings.yes or not console.interactive:
-        return parse_rule("knee").select(results)
-    numbers = [str(r.number) for r in front]
-    answer = console.ask("trial to save (or 'none')", [*numbers, "none"], str(star.number))
-    if answer == "none":
-        return None
-    return next(r for r in front if str(r.number) == answer)
-
-
-def save(
-    settings: Settings,
-    loaded: loading.LoadedModel,
-    model_map: architectures.ModelMap,
-    directions: Directions,
-    results: list[TrialResult],
-    front: list[TrialResult],
-    chosen: TrialResult,
-    held_out: dict[int, result_files.HeldOutScores],
-    output_dir: Path,
-    console: Console,
-    timings: dict[str, float] | None = None,
-) -> None:
-    assert chosen.parameters is not None
-    if (
-        not settings.yes
-        and console.interactive
-        and not console.confirm(f"save trial {chosen.number} to {output_dir}?", True)
-    ):
-        return
-    held = held_out.get(chosen.number)
-    source = gguf_record(loaded)
-    folder = export.save_merged(
-        loaded, model_map, directions, chosen.parameters, output_dir, overwrite=True
-    )
-    written = write_gguf(folder, settings.gguf, loaded, console) if settings.gguf else None
-    card = result_files.model_card(
-        base_model=loaded.model_id,
-        parameters=chosen.parameters,
-        trial_number=chosen.number,
-        scores=held,
-        hub_base_model=not preflight.is_local_model(loaded.model_id) and loaded.gguf is None,
-        gguf_source=source,
-        gguf_export=written,
-    )
-    export.write_text_atomic(folder / "README.md", card)
-    result_files.write_results(
-        folder / "results.json",
-        settings=settings.model_dump(mode="json"),
-        trials=results,
-        front=front,
-        chosen=chosen,
-        held_out=held,
-        extra={
-            "model_id": loaded.model_id,
-            "gguf_source": source,
-            "gguf_export": written,
-            "held_out_front": {k: v.to_dict() for k, v in held_out.items()},
-            "timings_s": dict(timings or {}),
-        },
-    )
-    files = report.write_report(
-        folder,
-        trials=results,
-        front=front,
-        chosen=chosen,
-        n_layers=model_map.n_layers,
-        direction_strength=directions.strength.tolist(),
-        held_out=held,
-    )
-    console.info(f"saved trial {chosen.number} to {folder} (report: {files.markdown})")
-    if settings.upload_repo:
-        url = result_files.upload_to_hub(
-            folder, settings.upload_repo, private=settings.upload_private
-        )
-        console.info(f"uploaded to {url}")
