@@ -24,14 +24,18 @@ from transformers import (
 from blasphemer.evaluation.generation import (
     Outcome,
     Verdict,
-    common_response_prefix,
     encode_texts,
     generate_verdicts,
     greedy_tokens,
     length_sorted_batches,
+)
+from blasphemer.evaluation.markers import (
+    RefusalMarkers,
+    common_response_prefix,
+    has_content,
+    normalize,
     strip_response_prefix,
 )
-from blasphemer.evaluation.markers import RefusalMarkers, has_content, normalize
 from tiny_models import tiny_llama, word_tokenizer
 
 VOCAB = ["<pad>", "<s>", "</s>", *(f"w{i}" for i in range(100))]

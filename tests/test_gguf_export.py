@@ -248,7 +248,6 @@ def test_source_mode_keeps_untouched_tensors_byte_identical(
 ) -> None:
     source, saved, model = demo_from_gguf
     # Compare and quantize a few rows at a time, as for a large model's embeddings.
-    monkeypatch.setattr("blasphemer.gguf_export.CHUNK_ELEMENTS", 192 * 7)
     monkeypatch.setattr("blasphemer.gguf_tensors.CHUNK_ELEMENTS", 192 * 7)
     result = export_gguf(saved, tmp_path / "edited.gguf", source_gguf=source)
     edited = {"blk.1.attn_output.weight", "blk.4.ffn_down.weight"}

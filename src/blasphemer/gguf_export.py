@@ -41,7 +41,6 @@ from gguf import (
     GGUFWriter,
     LlamaFileType,
 )
-from gguf.quants import dequantize
 
 from blasphemer.errors import ExportError
 from blasphemer.gguf_metadata import (
@@ -53,19 +52,15 @@ from blasphemer.gguf_metadata import (
     model_metadata,
 )
 from blasphemer.gguf_tensors import (
-    CHUNK_ELEMENTS,
     SavedWeights,
     block_order,
-    from_gguf_layout,
     gguf_names,
-    has_offset,
     n_bytes,
-    qk_heads,
     quantize_rows,
     rewrite_type,
+    source_tensor_unchanged,
     storage_type,
     to_gguf_layout,
-    unchanged,
 )
 from blasphemer.gguf_tokenizer import read_tokenizer, tokenizer_metadata
 
@@ -223,7 +218,9 @@ def _write_from_source(
         for tensor in reader.tensors:
             shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
             hf_name = to_hf.get(tensor.name)
-            if hf_name is None or _source_unchanged(tensor, shape, weights, hf_name, spec, config):
+            if hf_name is None or source_tensor_unchanged(
+                tensor, shape, weights, hf_name, spec, config
+            ):
                 plan.append((tensor, hf_name, shape, tensor.tensor_type, "copied"))
             else:
                 qtype = rewrite_type(tensor.tensor_type, shape, fallback)
@@ -247,37 +244,6 @@ def _write_from_source(
             writer.close()
     notes = [TensorNote(t.name, q.name, action) for t, _, _, q, action in plan]
     return notes, skipped
-
-
-def _source_unchanged(
-    tensor: Any,
-    shape: tuple[int, ...],
-    weights: SavedWeights,
-    hf_name: str,
-    spec: ArchSpec,
-    config: Mapping[str, Any],
-) -> bool:
-    saved_shape = weights.shape(hf_name)
-    if saved_shape != shape:
-        raise ExportError(
-            f"{hf_name} has shape {saved_shape} but the source GGUF's {tensor.name} has "
-            f"{shape}; pass the GGUF the model was loaded from"
-        )
-    offset = has_offset(tensor.name, spec)
-    if len(shape) != 2 or qk_heads(tensor.name, spec, config) is not None:
-        values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        expected = from_gguf_layout(values, tensor.name, spec, config)
-        return unchanged(weights.get(hf_name), expected, offset)
-    step = max(1, CHUNK_ELEMENTS // shape[1])  # bounded memory for large embeddings
-    for start in range(0, shape[0], step):
-        stop = min(shape[0], start + step)
-        values = dequantize(tensor.data[start:stop], tensor.tensor_type)
-        expected = from_gguf_layout(
-            values.reshape(stop - start, shape[1]), tensor.name, spec, config
-        )
-        if not unchanged(weights.rows(hf_name, start, stop), expected, offset):
-            return False
-    return True
 
 
 # --- entry point ------------------------------------------------------------------------------

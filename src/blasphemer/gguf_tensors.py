@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType, get_tensor_name_map
-from gguf.quants import quantize
+from gguf.quants import dequantize, quantize
 from safetensors import safe_open
 
 from blasphemer.errors import ExportError
@@ -219,3 +219,39 @@ def block_order(name: str) -> tuple[int, str]:
     if match:
         return int(match.group(1)), name
     return (-1 if name.startswith(("token_embd", "rope_freqs")) else 1 << 30), name
+
+
+def source_tensor_unchanged(
+    tensor: Any,
+    shape: tuple[int, ...],
+    weights: SavedWeights,
+    hf_name: str,
+    spec: ArchSpec,
+    config: Mapping[str, Any],
+) -> bool:
+    """True when the saved tensor ``hf_name`` still equals the source GGUF's ``tensor``.
+
+    Compares in transformers' layout, in blocks of :data:`CHUNK_ELEMENTS` for large 2-D tensors
+    (bounded memory); a shape that differs from the source raises :class:`ExportError`.
+    """
+    saved_shape = weights.shape(hf_name)
+    if saved_shape != shape:
+        raise ExportError(
+            f"{hf_name} has shape {saved_shape} but the source GGUF's {tensor.name} has "
+            f"{shape}; pass the GGUF the model was loaded from"
+        )
+    offset = has_offset(tensor.name, spec)
+    if len(shape) != 2 or qk_heads(tensor.name, spec, config) is not None:
+        values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        expected = from_gguf_layout(values, tensor.name, spec, config)
+        return unchanged(weights.get(hf_name), expected, offset)
+    step = max(1, CHUNK_ELEMENTS // shape[1])  # bounded memory for large embeddings
+    for start in range(0, shape[0], step):
+        stop = min(shape[0], start + step)
+        values = dequantize(tensor.data[start:stop], tensor.tensor_type)
+        expected = from_gguf_layout(
+            values.reshape(stop - start, shape[1]), tensor.name, spec, config
+        )
+        if not unchanged(weights.rows(hf_name, start, stop), expected, offset):
+            return False
+    return True

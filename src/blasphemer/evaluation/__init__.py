@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from blasphemer.evaluation.generation import (
         Outcome,
         Verdict,
-        common_response_prefix,
         generate_verdicts,
         greedy_tokens,
     )
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     from blasphemer.evaluation.markers import (
         DEFAULT_REFUSAL_MARKERS,
         RefusalMarkers,
+        common_response_prefix,
         is_refusal,
         normalize,
         wilson_interval,
@@ -71,7 +71,7 @@ _HOMES = {
     "load_scorers": "blasphemer.evaluation.base",
     "Outcome": "blasphemer.evaluation.generation",
     "Verdict": "blasphemer.evaluation.generation",
-    "common_response_prefix": "blasphemer.evaluation.generation",
+    "common_response_prefix": "blasphemer.evaluation.markers",
     "generate_verdicts": "blasphemer.evaluation.generation",
     "greedy_tokens": "blasphemer.evaluation.generation",
     "KLScorer": "blasphemer.evaluation.kl",

@@ -45,7 +45,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from blasphemer.evaluation.markers import RefusalMarkers, has_content, normalize
+from blasphemer.evaluation.markers import (
+    RefusalMarkers,
+    has_content,
+    normalize,
+    strip_response_prefix,
+)
 
 
 class Outcome(StrEnum):
@@ -127,49 +132,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def strip_response_prefix(text: str, prefix: str) -> str:
-    """The part of a (possibly partial) response that is judged: ``text`` without ``prefix``.
-
-    While the response is still inside the prefix nothing is judged yet; a response that does not
-    start with the prefix is judged whole.
-    """
-    if not prefix:
-        return text
-    if text.startswith(prefix):
-        return text[len(prefix) :]
-    if prefix.startswith(text):
-        return ""
-    return text
-
-
-def common_response_prefix(
-    responses: Sequence[str], markers: RefusalMarkers, min_responses: int = 2
-) -> str:
-    """Template text that every response starts with (e.g. an empty ``<think></think>`` block).
-
-    Some chat templates make the model open every answer with the same markup. It holds letters,
-    so it would count as content and use up the ``decided_after`` budget, and an answer that is
-    only that markup would not count as empty. The prefix is the longest common prefix of a few
-    responses to *different* prompts, cut back to its last ``>`` (plus the whitespace after it);
-    it is used only when it starts with ``<`` and holds no refusal marker, so a shared first line
-    such as "I'm sorry, ..." is never skipped. Returns ``""`` when there is none.
-    """
-    if len(responses) < min_responses:
-        return ""
-    common = min(responses)
-    for response in responses:
-        while not response.startswith(common):
-            common = common[:-1]
-    end = common.rfind(">")
-    if end < 0:
-        return ""
-    rest = common[end + 1 :]
-    candidate = common[: end + 1] + rest[: len(rest) - len(rest.lstrip())]
-    if not candidate.lstrip().startswith("<") or markers.find(normalize(candidate)) is not None:
-        return ""
-    return candidate
 
 
 def left_pad(
@@ -325,11 +287,12 @@ def generate_verdicts(
 
     ``decided_after=None`` is full mode (see the module docstring for both equivalences);
     ``stop_at_marker`` stops refused answers early in full mode too. ``response_prefix`` is
-    skipped before judging (see :func:`common_response_prefix`). ``on_batch`` is called with the
-    number of prompts of each finished batch. ``should_stop(refused, judged)`` is asked after
-    each batch with the refusals and judged prompts so far; when it answers True the remaining
-    prompts are not generated and get :attr:`Outcome.SKIPPED` verdicts (``refused=False``), so
-    the refusal count is a lower bound. Returns one :class:`Verdict` per prompt, in order.
+    skipped before judging (see :func:`~blasphemer.evaluation.markers.common_response_prefix`).
+    ``on_batch`` is called with the number of prompts of each finished batch.
+    ``should_stop(refused, judged)`` is asked after each batch with the refusals and judged
+    prompts so far; when it answers True the remaining prompts are not generated and get
+    :attr:`Outcome.SKIPPED` verdicts (``refused=False``), so the refusal count is a lower bound.
+    Returns one :class:`Verdict` per prompt, in order.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

@@ -9,7 +9,6 @@ from blasphemer.evaluation.base import ModelLike
 from blasphemer.evaluation.generation import (
     Outcome,
     Verdict,
-    common_response_prefix,
     decode_answers,
     encode_texts,
     eos_token_ids,
@@ -17,7 +16,12 @@ from blasphemer.evaluation.generation import (
     greedy_tokens,
     pad_token_id,
 )
-from blasphemer.evaluation.markers import RefusalMarkers, as_markers, wilson_interval
+from blasphemer.evaluation.markers import (
+    RefusalMarkers,
+    as_markers,
+    common_response_prefix,
+    wilson_interval,
+)
 
 PREFIX_PROBE_PROMPTS = 4
 PREFIX_PROBE_TOKENS = 32
