@@ -62,6 +62,17 @@ def _load_gguf(path: Path) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
+def _fetch(key: str) -> Path:
+    """A pinned real model from bench/models.py (a fetch failure fails the test, no skip)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import models  # type: ignore[import-not-found]
+
+        return Path(models.fetch(key, log=False))
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
 def _files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
@@ -280,15 +291,7 @@ def _assert_same_except(source: Path, written: Path, edited: set[str]) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2_edited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Any]]:
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import models  # type: ignore[import-not-found]
-
-        source = Path(models.fetch("smollm2"))
-    except Exception as exc:  # any fetch failure means: no real model here
-        pytest.skip(f"SmolLM2 GGUF unavailable: {exc}")
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    source = _fetch("smollm2")
     model, tokenizer = _load_gguf(source)
     model.hf_quantizer.remove_quantization_config(model)
     with torch.no_grad():
@@ -330,6 +333,23 @@ def test_smollm2_safetensors_round_trip(
         assert tokenizer(text)["input_ids"] == original_tokenizer(text)["input_ids"]
     assert tokenizer.chat_template == original_tokenizer.chat_template
     kl = float(np.mean(_first_token_kl(model.eval(), exported, original_tokenizer, texts)))
+    assert kl < 1e-3, f"mean KL {kl:.3g}"
+
+
+@pytest.mark.real
+def test_gemma3_unedited_safetensors_round_trip(tmp_path: Path) -> None:
+    from blasphemer.loading import load_model
+
+    loaded = load_model(str(_fetch("gemma3")), dtypes=["float32"], device_map="cpu")
+    saved = tmp_path / "gemma3"
+    loaded.model.save_pretrained(saved)
+    loaded.tokenizer.save_pretrained(saved)
+    result = export_gguf(saved, tmp_path / "gemma3-f16.gguf", type="f16")
+    exported, tokenizer = _load_gguf(result.path)
+    texts = [f"User: {p}\nAssistant:" for p in _prompts(20)]  # a base model: no chat template
+    for text in texts:
+        assert tokenizer(text)["input_ids"] == loaded.tokenizer(text)["input_ids"]
+    kl = float(np.mean(_first_token_kl(loaded.model, exported, loaded.tokenizer, texts)))
     assert kl < 1e-3, f"mean KL {kl:.3g}"
 
 

@@ -13,12 +13,12 @@ import torch
 from transformers import TextIteratorStreamer
 
 from blasphemer import architectures, gguf_source, loading
-from blasphemer.app import preflight
+from blasphemer.app import preflight, stages
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
-from blasphemer.app.context import ATTR_BUDGET, load_prompts
+from blasphemer.app.context import ATTR_BUDGET, load_prompts, refusal_scorer
 from blasphemer.errors import ConfigError, StorageError
-from blasphemer.evaluation import KLScorer, RefusalScorer, wilson_interval
+from blasphemer.evaluation import KLScorer, wilson_interval
 from blasphemer.optimization import (
     completed_results,
     count_trials,
@@ -40,17 +40,8 @@ class ModelRef:
 
 def _load(settings: Settings, model: ModelRef | None = None) -> loading.LoadedModel:
     if model is None:
-        assert settings.model is not None
-        model = ModelRef(settings.model, settings.gguf_file)
-    return loading.load_model(
-        model.name,
-        dtypes=settings.dtypes,
-        device_map=settings.device_map,
-        quantization=settings.quantization,
-        trust_remote_code=settings.trust_remote_code,
-        revision=settings.revision,
-        gguf_file=model.gguf_file,
-    )
+        return stages.load_model(settings)
+    return stages.load_model(settings, model.name, model.gguf_file)
 
 
 def inspect(settings: Settings, as_json: bool, console: Console) -> int:
@@ -96,15 +87,7 @@ def evaluate(settings: Settings, base_ref: ModelRef, as_json: bool, console: Con
     kl = KLScorer(base_loaded, prompts.harmless.report, batch_size=batch)
 
     def refusals(loaded: loading.LoadedModel) -> tuple[int, int]:
-        result = RefusalScorer(
-            loaded,
-            prompts.harmful.report,
-            markers=settings.refusal_markers,
-            max_new_tokens=settings.max_new_tokens,
-            decided_after=None,
-            stop_at_marker=True,  # same verdicts; refusals stop sooner
-            batch_size=batch,
-        ).evaluate()
+        result = refusal_scorer(settings, loaded, prompts.harmful.report, batch).evaluate()
         return sum(result.refused), len(result.refused)
 
     base_refused, n = refusals(base_loaded)

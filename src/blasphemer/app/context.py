@@ -126,18 +126,32 @@ class Scorers:
     extra: list[Scorer]
 
 
-def build_scorers(settings: Settings, loaded: LoadedModel, prompts: Prompts, batch: int) -> Scorers:
-    """Scorers on the *select* split; call while the model is unedited (KL caches the original)."""
-    decided_after = None if settings.exact_verdicts else settings.decided_after
-    refusals = RefusalScorer(
+def refusal_scorer(
+    settings: Settings,
+    loaded: LoadedModel,
+    texts: list[str],
+    batch: int,
+    decided_after: int | None = None,
+) -> RefusalScorer:
+    """Refusals on ``texts`` as settings say; ``decided_after=None`` judges full-length answers.
+
+    A refusal marker always ends its answer early: the verdict is the same, the work smaller.
+    """
+    return RefusalScorer(
         loaded,
-        prompts.harmful.select,
+        texts,
         markers=settings.refusal_markers,
         max_new_tokens=settings.max_new_tokens,
         decided_after=decided_after,
         batch_size=batch,
-        stop_at_marker=True,  # a refusal marker decides the verdict: same verdicts, less work
+        stop_at_marker=True,
     )
+
+
+def build_scorers(settings: Settings, loaded: LoadedModel, prompts: Prompts, batch: int) -> Scorers:
+    """Scorers on the *select* split; call while the model is unedited (KL caches the original)."""
+    decided_after = None if settings.exact_verdicts else settings.decided_after
+    refusals = refusal_scorer(settings, loaded, prompts.harmful.select, batch, decided_after)
     kl = KLScorer(
         loaded, prompts.harmless.select, batch_size=batch, positions=settings.kl_positions
     )

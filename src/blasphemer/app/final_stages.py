@@ -13,10 +13,10 @@ from blasphemer.app import preflight, report
 from blasphemer.app import results as result_files
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
-from blasphemer.app.context import Prompts
+from blasphemer.app.context import Prompts, refusal_scorer
 from blasphemer.directions import Directions
 from blasphemer.editing import apply_ablation
-from blasphemer.evaluation import KLScorer, RefusalScorer, wilson_interval
+from blasphemer.evaluation import KLScorer, wilson_interval
 from blasphemer.optimization import TrialResult, parse_rule, recommended, tier
 
 
@@ -31,15 +31,7 @@ def held_out(
     console: Console,
 ) -> dict[int, result_files.HeldOutScores]:
     """Report-split refusals (full length) and KL for the front's trials, plus the original."""
-    refusals = RefusalScorer(
-        loaded,
-        prompts.harmful.report,
-        markers=settings.refusal_markers,
-        max_new_tokens=settings.max_new_tokens,
-        decided_after=None,
-        stop_at_marker=True,  # same verdicts as full length; refusals just stop sooner
-        batch_size=batch,
-    )
+    refusals = refusal_scorer(settings, loaded, prompts.harmful.report, batch)
     kl = KLScorer(
         loaded, prompts.harmless.report, batch_size=batch, positions=settings.kl_positions
     )

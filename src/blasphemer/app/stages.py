@@ -103,16 +103,21 @@ def preflight_checks(settings: Settings, output_dir: Path, console: Console) -> 
         console.info(budget.summary())
 
 
-def load_model(settings: Settings) -> loading.LoadedModel:
-    assert settings.model is not None
+def load_model(
+    settings: Settings, model: str | None = None, gguf_file: str | None = None
+) -> loading.LoadedModel:
+    """Load ``model`` (default: ``settings.model`` and its ``--gguf-file``) as settings say."""
+    if model is None:
+        assert settings.model is not None
+        model, gguf_file = settings.model, settings.gguf_file
     return loading.load_model(
-        settings.model,
+        model,
         dtypes=settings.dtypes,
         device_map=settings.device_map,
         quantization=settings.quantization,
         trust_remote_code=settings.trust_remote_code,
         revision=settings.revision,
-        gguf_file=settings.gguf_file,
+        gguf_file=gguf_file,
     )
 
 
