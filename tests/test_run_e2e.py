@@ -291,3 +291,8 @@ def test_demo_runs_end_to_end_in_a_fresh_folder(demo_model_dir: Path, tmp_path: 
     data = _results(saved)
     assert len(data["trials"]) == N_TRIALS
     assert data["held_out"]["refusal_rate"] < data["held_out"]["original_refusal_rate"]
+    # --yes without --select saves a trial no other held-out-scored trial beats on both
+    # held-out numbers (the knee is taken on the report split).
+    scored = {int(n): (h["refusal_rate"], h["kl"]) for n, h in data["held_out_front"].items()}
+    mine = scored[data["chosen"]["number"]]
+    assert not any(o[0] <= mine[0] and o[1] <= mine[1] and o != mine for o in scored.values())

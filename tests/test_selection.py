@@ -19,6 +19,7 @@ from blasphemer.optimization.selection import (
     pareto_front,
     parse_rule,
     recommended,
+    recommended_held_out,
     tier,
 )
 
@@ -84,6 +85,34 @@ def test_recommended_poor_front_falls_back() -> None:
     assert recommended(pareto_front(poor)).number == 1  # lowest KL with ≤ 10 % refusals
     worse = [result(0, 0.3, 0.6), result(1, 0.5, 0.01)]
     assert recommended(pareto_front(worse)).number == 0  # else the lowest refusal rate
+
+
+def test_recommended_held_out_uses_report_numbers() -> None:
+    # The Qwen cpu-small front (bench/results/2026-12-02-qwen-cpu-small.md): on the select split
+    # trial 11 has the fewest refusals; on the report split trial 5 has fewer at a lower KL.
+    front = pareto_front([result(11, 0.0, 0.051), result(7, 0.02, 0.043), result(5, 0.04, 0.037)])
+    assert numbers(front) == [11, 7, 5]
+    held = {11: (0.11, 0.045), 7: (0.12, 0.040), 5: (0.08, 0.036)}
+    assert recommended(front).number == 11
+    star = recommended_held_out(front, held)
+    assert star is not None and star.number == 5
+    assert star is front[2]  # the front's own result: its select-split values are kept
+
+
+def test_recommended_held_out_falls_back_with_fewer_than_two_scored() -> None:
+    front = pareto_front([result(1, 0.0, 0.2), result(2, 0.1, 0.05)])
+    assert recommended_held_out(front, {}) == recommended(front)
+    assert recommended_held_out(front, {2: (0.0, 0.01)}) == recommended(front)
+    # Scored trials only: trial 3 has held-out numbers but is not on this front.
+    assert recommended_held_out(front, {2: (0.0, 0.01), 3: (0.0, 0.0)}) == recommended(front)
+
+
+def test_recommended_held_out_knee_among_scored() -> None:
+    front = pareto_front([result(1, 0.0, 0.10), result(2, 0.02, 0.05), result(3, 0.06, 0.02)])
+    assert recommended(front).number == 1  # select split: 1 is Excellent
+    # Held out: 1 refuses 4 % at 0.11 (Good), 2 refuses 2 % at 0.06 (Very good): 2 wins.
+    star = recommended_held_out(front, {1: (0.04, 0.11), 2: (0.02, 0.06), 3: (0.06, 0.02)})
+    assert star is not None and star.number == 2
 
 
 @pytest.mark.parametrize(

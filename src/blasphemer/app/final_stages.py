@@ -18,6 +18,7 @@ from blasphemer.directions import Directions
 from blasphemer.editing import apply_ablation
 from blasphemer.evaluation import KLScorer, wilson_interval
 from blasphemer.optimization import TrialResult, parse_rule, recommended, tier
+from blasphemer.optimization.selection import recommended_held_out
 
 
 def held_out(
@@ -57,7 +58,7 @@ def held_out(
                 original_refusals=sum(original.refused),
             )
             advance(1)
-    star = recommended(front)
+    star = recommended_held_out(front, held_out_values(scores))
     rows = []
     for result in sorted(front, key=lambda r: (r.refusal_rate, r.kl)):
         low, high = wilson_interval(result.refusals or 0, result.n_prompts or 1)
@@ -126,20 +127,33 @@ def held_out_order(front: list[TrialResult]) -> list[TrialResult]:
     return [star, *(r for r in ordered if r.number != star.number)]
 
 
+def held_out_values(
+    scores: dict[int, result_files.HeldOutScores],
+) -> dict[int, tuple[float, float]]:
+    """Held-out (refusal rate, KL) per trial number, as the selection rules take them."""
+    return {number: (s.refusal_rate, s.kl) for number, s in scores.items()}
+
+
 def choose(
-    settings: Settings, results: list[TrialResult], front: list[TrialResult], console: Console
+    settings: Settings,
+    results: list[TrialResult],
+    front: list[TrialResult],
+    console: Console,
+    held_out: dict[int, result_files.HeldOutScores] | None = None,
 ) -> TrialResult | None:
     """The trial to save: ``--select``'s rule, else the ⭐ (``--yes`` or no terminal), else the
-    user's pick from the front; None when nothing is to be saved."""
+    user's pick from the front; None when nothing is to be saved. The ⭐ is the knee rule on the
+    held-out numbers when two or more front trials have them (see
+    :func:`~blasphemer.optimization.selection.recommended_held_out`)."""
     if not results:
         console.warn("no trial finished; nothing to save")
         return None
     if settings.select is not None:
         return parse_rule(settings.select).select(results)
-    star = recommended(front)
+    star = recommended_held_out(front, held_out_values(held_out or {}))
     assert star is not None
     if settings.yes or not console.interactive:
-        return parse_rule("knee").select(results)
+        return star
     numbers = [str(r.number) for r in front]
     answer = console.ask("trial to save (or 'none')", [*numbers, "none"], str(star.number))
     if answer == "none":

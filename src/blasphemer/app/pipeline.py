@@ -125,7 +125,7 @@ def _run(settings: Settings, console: Console) -> Outcome:
 
     clock.lap("held_out")
     console.stage(10, STAGES, "Choosing and saving")
-    chosen = final_stages.choose(settings, results, front, console)
+    chosen = final_stages.choose(settings, results, front, console, held_out)
     if chosen is None:
         return Outcome(loaded, model_map, directions, prompts, None, None)
     # results.json "timings_s": seconds per stage, the batch size and why it was chosen.

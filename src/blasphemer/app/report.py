@@ -236,7 +236,9 @@ def _blocks(
         Image("Pareto front", images["pareto"]),
         Table(front_header, front_rows(front, chosen)),
         Paragraph(
-            "Rates and KL are from the select split the optimiser saw; ⭐ marks the knee rule."
+            "Rates and KL are from the select split the optimiser saw; ⭐ marks the knee rule "
+            "on them. Without --select a run saves the knee of the held-out numbers instead "
+            "(when two or more front trials were scored there)."
         ),
     ]
     if chosen is not None and chosen.parameters is not None:

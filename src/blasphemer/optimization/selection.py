@@ -11,6 +11,13 @@ Selection rules (``--select``), parsed by :func:`parse_rule`:
   trial is better than *Poor*: the lowest KL among front trials refusing at most 10 %, else the
   lowest refusal rate.
 
+A run without ``--select`` saves :func:`recommended_held_out`: the same knee rule applied to the
+front trials' *held-out* numbers (report split, full-length answers, usually more prompts) when
+two or more were scored there. The select split the optimiser saw saturates on a real model (a
+whole front at 0/50 refusals there refused 8-12 % of 100 report prompts on Qwen2.5-Coder-0.5B),
+so its knee cannot tell the trials apart. Choosing among a few trials by the report split makes
+the chosen trial's report numbers slightly optimistic; the card says which rule chose it.
+
 Ties are broken by the other objective, then by the lower trial number, so every rule is
 deterministic.
 """
@@ -19,8 +26,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -96,6 +103,21 @@ def recommended(front: Sequence[TrialResult]) -> TrialResult | None:
     if acceptable:
         return min(acceptable, key=_by_kl)
     return min(front, key=_by_refusals)
+
+
+def recommended_held_out(
+    front: Sequence[TrialResult], held_out: Mapping[int, tuple[float, float]]
+) -> TrialResult | None:
+    """The knee rule on the report split: ``held_out`` maps trial numbers to their held-out
+    (refusal rate, KL). Falls back to :func:`recommended` when fewer than two front trials
+    were scored there."""
+    scored = [r for r in front if r.number in held_out]
+    if len(scored) < 2:
+        return recommended(front)
+    proxies = [replace(r, values=tuple(held_out[r.number])) for r in scored]
+    star = recommended(pareto_front(proxies))
+    assert star is not None
+    return next(r for r in scored if r.number == star.number)
 
 
 class SelectionRule(ABC):
