@@ -17,11 +17,11 @@ from blasphemer.evaluation import (
     DEFAULT_REFUSAL_MARKERS,
     HarmlessRefusals,
     KLScorer,
-    Outcome,
     RefusalMarkers,
     RefusalScorer,
     Scorer,
     ScorerContext,
+    StopReason,
     is_refusal,
     load_scorer_classes,
     load_scorers,
@@ -257,7 +257,7 @@ def test_refusal_scorer_detects_and_skips_a_template_prefix() -> None:
     # itself would already count as two clean tokens.
     for answer in result.responses:
         assert answer.startswith("<think> </think>")
-    decided = [v for v in result.verdicts if v.outcome is Outcome.DECIDED]
+    decided = [v for v in result.verdicts if v.stopped_by is StopReason.DECIDED]
     assert decided and all(len(v.tokens) >= 4 for v in decided)  # content starts at token 3
     assert all(len(v.tokens) <= 2 for v in verdicts.verdicts)
 

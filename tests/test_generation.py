@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from blasphemer.evaluation.generation import (
-    Outcome,
+    StopReason,
     Verdict,
     encode_texts,
     generate_verdicts,
@@ -151,10 +151,10 @@ def test_full_mode_equals_model_generate(llama, tokenizer, texts, batch_size) ->
     assert [list(v.tokens) for v in verdicts] == tokens
     assert [v.text for v in verdicts] == responses
     assert [v.refused for v in verdicts] == [markers.refuses(normalize(r)) for r in responses]
-    assert all(v.outcome in (Outcome.EOS, Outcome.LENGTH) for v in verdicts)
+    assert all(v.stopped_by in (StopReason.EOS, StopReason.LENGTH) for v in verdicts)
     # The fixture must exercise both verdicts and both endings, or this test proves little.
     assert 0 < sum(v.refused for v in verdicts) < len(verdicts)
-    assert {v.outcome for v in verdicts} == {Outcome.EOS, Outcome.LENGTH}
+    assert {v.stopped_by for v in verdicts} == {StopReason.EOS, StopReason.LENGTH}
 
 
 def test_stop_at_marker_keeps_full_mode_verdicts(llama, tokenizer, texts) -> None:
@@ -165,7 +165,7 @@ def test_stop_at_marker_keeps_full_mode_verdicts(llama, tokenizer, texts) -> Non
     assert [v.refused for v in stopped] == [v.refused for v in full]
     for short, whole in zip(stopped, full, strict=True):
         assert list(short.tokens) == list(whole.tokens)[: len(short.tokens)]
-    assert any(v.outcome is Outcome.MARKER for v in stopped)
+    assert any(v.stopped_by is StopReason.MARKER for v in stopped)
     assert sum(len(v.tokens) for v in stopped) < sum(len(v.tokens) for v in full)
 
 
@@ -188,10 +188,10 @@ def test_early_verdicts_follow_the_documented_rule(
         if verdict.refused:
             assert full_refused
         # ... and they agree whenever the full answer's marker (if any) came within the window.
-        if not full_refused or verdict.outcome is not Outcome.DECIDED:
+        if not full_refused or verdict.stopped_by is not StopReason.DECIDED:
             assert verdict.refused == full_refused
-    outcomes = {v.outcome for v in early}
-    assert Outcome.MARKER in outcomes and Outcome.DECIDED in outcomes
+    outcomes = {v.stopped_by for v in early}
+    assert StopReason.MARKER in outcomes and StopReason.DECIDED in outcomes
 
 
 def test_early_stop_with_a_response_prefix(llama, tokenizer, texts) -> None:
@@ -348,9 +348,11 @@ def test_should_stop_keeps_judged_verdicts_and_bounds_the_rate(llama, tokenizer,
     partial = run(
         llama, tokenizer, texts, markers, decided_after=4, should_stop=stop_after_two_batches
     )
-    skipped = [v for v in partial if v.outcome is Outcome.SKIPPED]
+    skipped = [v for v in partial if v.stopped_by is StopReason.SKIPPED]
     judged = [
-        (p, c) for p, c in zip(partial, complete, strict=True) if p.outcome is not Outcome.SKIPPED
+        (p, c)
+        for p, c in zip(partial, complete, strict=True)
+        if p.stopped_by is not StopReason.SKIPPED
     ]
     assert len(calls) == 2 and calls[-1][1] == len(judged) == 16  # two batches of 8
     assert skipped and all(not v.refused and not v.tokens for v in skipped)

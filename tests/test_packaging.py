@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import shutil
 import subprocess
@@ -108,3 +109,14 @@ def test_the_import_graph_check_sees_every_spelling(source: str) -> None:
 def test_the_import_graph_check_ignores_library_imports() -> None:
     source = "from blasphemer import ablation\nfrom . import markers\nimport blasphemer.export"
     assert not any(map(_is_app, _imported_modules(source, "blasphemer.evaluation")))
+
+
+@pytest.mark.parametrize(
+    "package", ["blasphemer", "blasphemer.evaluation", "blasphemer.optimization"]
+)
+def test_every_lazily_exported_name_resolves_and_unknown_names_raise(package: str) -> None:
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nothing'"):
+        module.nothing  # noqa: B018

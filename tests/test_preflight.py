@@ -15,21 +15,21 @@ import torch
 from safetensors.torch import save_file
 
 from blasphemer.app import preflight
-from blasphemer.app.preflight import Budget
+from blasphemer.app.preflight import MemoryEstimate
 from blasphemer.errors import ConfigError, ModelLoadError, StorageError
 
 GIB = 2**30
 
 
 def test_summary_names_where_the_available_memory_is() -> None:
-    cpu = Budget(
+    cpu = MemoryEstimate(
         weights_on_disk=GIB,
         weights_in_memory=2 * GIB,
         ram_available=8 * GIB,
         disk_available=None,
     )
     assert cpu.summary() == "weights 2.00 GiB in memory; available 8.00 GiB (RAM)"
-    gpu = Budget(
+    gpu = MemoryEstimate(
         weights_on_disk=GIB,
         weights_in_memory=2 * GIB,
         ram_available=8 * GIB,
@@ -49,9 +49,9 @@ def test_gpu_memory_counts_only_when_the_device_map_may_use_it(
     assert preflight.gpu_memory_available("cpu") == 0
     monkeypatch.setattr(preflight.psutil, "virtual_memory", lambda: SimpleNamespace(available=GIB))
     for device_map, gpu in (("auto", 3 * GIB), ("cpu", 0)):
-        budget = preflight.estimate(tmp_path, ["auto"], device_map, "none")
-        assert (budget.ram_available, budget.gpu_available) == (GIB, gpu)
-        assert budget.memory_available == GIB + gpu
+        memory = preflight.estimate(tmp_path, ["auto"], device_map, "none")
+        assert (memory.ram_available, memory.gpu_available) == (GIB, gpu)
+        assert memory.memory_available == GIB + gpu
 
 
 # --- storage, folders and model files: checked before the model loads ----------------------------

@@ -6,8 +6,9 @@ line's ``--help``) does not pay for torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from blasphemer._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from blasphemer.ablation import AblationParameters, KernelParameters
@@ -24,18 +25,11 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_HOMES = {
-    "AblationParameters": "blasphemer.ablation",
-    "KernelParameters": "blasphemer.ablation",
-    "EditHandle": "blasphemer.editing",
-    "apply_ablation": "blasphemer.editing",
-    "merge_ablation": "blasphemer.editing",
-    "BlasphemerError": "blasphemer.errors",
-}
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'blasphemer' has no attribute {name!r}")
-    return getattr(importlib.import_module(home), name)
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "blasphemer.ablation": ["AblationParameters", "KernelParameters"],
+        "blasphemer.editing": ["EditHandle", "apply_ablation", "merge_ablation"],
+        "blasphemer.errors": ["BlasphemerError"],
+    },
+)

@@ -17,8 +17,13 @@ from blasphemer.app.context import Prompts, refusal_scorer
 from blasphemer.directions import Directions
 from blasphemer.editing import apply_ablation
 from blasphemer.evaluation import KLScorer, wilson_interval
-from blasphemer.optimization import TrialResult, parse_rule, recommended, tier
-from blasphemer.optimization.selection import recommended_held_out
+from blasphemer.optimization import (
+    TrialResult,
+    parse_rule,
+    recommended,
+    recommended_held_out,
+    tier,
+)
 
 
 def held_out(

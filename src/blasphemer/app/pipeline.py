@@ -43,7 +43,7 @@ def demo_model_path() -> Path:
 
 
 @dataclass(eq=False)
-class Outcome:
+class RunResult:
     """What a finished run leaves in memory (``demo`` uses it for sample answers)."""
 
     loaded: loading.LoadedModel
@@ -73,7 +73,7 @@ class _Stopwatch:
         self._last = now
 
 
-def _run(settings: Settings, console: Console) -> Outcome:
+def _run(settings: Settings, console: Console) -> RunResult:
     assert settings.model is not None
     clock = _Stopwatch()
     console.stage(1, STAGES, "Preflight")
@@ -127,7 +127,7 @@ def _run(settings: Settings, console: Console) -> Outcome:
     console.stage(10, STAGES, "Choosing and saving")
     chosen = final_stages.choose(settings, results, front, console, held_out)
     if chosen is None:
-        return Outcome(loaded, model_map, directions, prompts, None, None)
+        return RunResult(loaded, model_map, directions, prompts, None, None)
     # results.json "timings_s": seconds per stage, the batch size and why it was chosen.
     timings: dict[str, Any] = {
         **clock.laps,
@@ -147,7 +147,7 @@ def _run(settings: Settings, console: Console) -> Outcome:
         console,
         timings=timings,
     )
-    return Outcome(loaded, model_map, directions, prompts, chosen, target)
+    return RunResult(loaded, model_map, directions, prompts, chosen, target)
 
 
 def demo(settings: Settings, console: Console) -> int:
@@ -168,7 +168,7 @@ def demo(settings: Settings, console: Console) -> int:
     return 0
 
 
-def _samples(outcome: Outcome, console: Console, count: int = 2, pool: int = 8) -> None:
+def _samples(outcome: RunResult, console: Console, count: int = 2, pool: int = 8) -> None:
     """Answers before and after to ``count`` held-out harmful prompts the original refuses.
 
     The first ``pool`` report prompts are tried; refused ones are shown first, so that the

@@ -32,7 +32,7 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 @dataclass(frozen=True)
-class Budget:
+class MemoryEstimate:
     """What the run needs next to what the machine has, in bytes."""
 
     weights_on_disk: int
@@ -129,11 +129,11 @@ def check_gguf(model: str, gguf_file: str | None) -> gguf_source.GgufHeader | No
 
 def estimate_gguf(
     header: gguf_source.GgufHeader, dtypes: list[str], device_map: str, quantization: str
-) -> Budget:
+) -> MemoryEstimate:
     """Memory for a GGUF dequantised into the first requested dtype ("auto" is float32)."""
     wanted = next((d for d in dtypes if d != "auto"), "float32") if dtypes[0] != "auto" else None
     in_memory = header.n_parameters * _BYTES_PER_DTYPE[wanted or "float32"]
-    return Budget(
+    return MemoryEstimate(
         weights_on_disk=in_memory,  # the saved safetensors folder holds the dequantised weights
         weights_in_memory=int(in_memory * _HEADROOM),
         ram_available=int(psutil.virtual_memory().available),
@@ -166,7 +166,7 @@ def gpu_memory_available(device_map: str) -> int:
     return sum(int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count()))
 
 
-def estimate(folder: Path, dtypes: list[str], device_map: str, quantization: str) -> Budget:
+def estimate(folder: Path, dtypes: list[str], device_map: str, quantization: str) -> MemoryEstimate:
     """Estimate the memory the run needs for the first dtype it will try."""
     on_disk = weights_size(folder)
     stored = checkpoint_dtype_bytes(folder)
@@ -174,7 +174,7 @@ def estimate(folder: Path, dtypes: list[str], device_map: str, quantization: str
     factor = _BYTES_PER_DTYPE[wanted] / stored if wanted else 1.0
     if quantization == "bnb_4bit":
         factor = 0.5 / stored * 1.1
-    return Budget(
+    return MemoryEstimate(
         weights_on_disk=on_disk,
         weights_in_memory=int(on_disk * factor * _HEADROOM),
         ram_available=int(psutil.virtual_memory().available),
@@ -183,9 +183,9 @@ def estimate(folder: Path, dtypes: list[str], device_map: str, quantization: str
     )
 
 
-def check_memory(budget: Budget, dtypes: list[str]) -> None:
+def check_memory(memory: MemoryEstimate, dtypes: list[str]) -> None:
     """Raise with the option that would fit when the weights cannot fit in memory."""
-    if budget.weights_in_memory <= budget.memory_available:
+    if memory.weights_in_memory <= memory.memory_available:
         return
     hint = (
         "use --quantization bnb_4bit on a CUDA machine"
@@ -194,7 +194,7 @@ def check_memory(budget: Budget, dtypes: list[str]) -> None:
     )
     if "float32" in dtypes[:1]:
         hint = "try --dtypes bfloat16 (half the memory of float32)"
-    raise ModelLoadError(f"the model will not fit: {budget.summary()}; {hint}")
+    raise ModelLoadError(f"the model will not fit: {memory.summary()}; {hint}")
 
 
 def _writable(folder: Path) -> bool:

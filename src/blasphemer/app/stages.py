@@ -93,14 +93,14 @@ def preflight_checks(settings: Settings, output_dir: Path, console: Console) -> 
     select_prompts(settings)  # prompt files: readable, well formed, enough for every split
     if source is not None:
         quantization = settings.quantization
-        budget = (
+        memory = (
             preflight.estimate_gguf(gguf, settings.dtypes, settings.device_map, quantization)
             if gguf is not None
             else preflight.estimate(source, settings.dtypes, settings.device_map, quantization)
         )
-        preflight.check_memory(budget, settings.dtypes)
-        preflight.check_output_dir(output_dir, source, budget.weights_on_disk)
-        console.info(budget.summary())
+        preflight.check_memory(memory, settings.dtypes)
+        preflight.check_output_dir(output_dir, source, memory.weights_on_disk)
+        console.info(memory.summary())
 
 
 def load_model(

@@ -6,8 +6,9 @@ equivalences it keeps, and :mod:`blasphemer.evaluation.markers` for how markers 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from blasphemer._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from blasphemer.evaluation.base import (
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
         load_scorers,
     )
     from blasphemer.evaluation.generation import (
-        Outcome,
+        StopReason,
         Verdict,
         generate_verdicts,
         greedy_tokens,
@@ -42,12 +43,12 @@ __all__ = [
     "HarmlessRefusals",
     "KLScorer",
     "ModelLike",
-    "Outcome",
     "RefusalMarkers",
     "RefusalResult",
     "RefusalScorer",
     "Scorer",
     "ScorerContext",
+    "StopReason",
     "Verdict",
     "common_response_prefix",
     "generate_verdicts",
@@ -61,33 +62,33 @@ __all__ = [
 ]
 
 # Imported on first use: the markers (needed to parse settings) must not pull in torch.
-_HOMES = {
-    "BaseScorer": "blasphemer.evaluation.base",
-    "HarmlessRefusals": "blasphemer.evaluation.base",
-    "ModelLike": "blasphemer.evaluation.base",
-    "Scorer": "blasphemer.evaluation.base",
-    "ScorerContext": "blasphemer.evaluation.base",
-    "load_scorer_classes": "blasphemer.evaluation.base",
-    "load_scorers": "blasphemer.evaluation.base",
-    "Outcome": "blasphemer.evaluation.generation",
-    "Verdict": "blasphemer.evaluation.generation",
-    "common_response_prefix": "blasphemer.evaluation.markers",
-    "generate_verdicts": "blasphemer.evaluation.generation",
-    "greedy_tokens": "blasphemer.evaluation.generation",
-    "KLScorer": "blasphemer.evaluation.kl",
-    "kl_divergence": "blasphemer.evaluation.kl",
-    "DEFAULT_REFUSAL_MARKERS": "blasphemer.evaluation.markers",
-    "RefusalMarkers": "blasphemer.evaluation.markers",
-    "is_refusal": "blasphemer.evaluation.markers",
-    "normalize": "blasphemer.evaluation.markers",
-    "wilson_interval": "blasphemer.evaluation.markers",
-    "RefusalResult": "blasphemer.evaluation.refusals",
-    "RefusalScorer": "blasphemer.evaluation.refusals",
-}
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(home), name)
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "blasphemer.evaluation.base": [
+            "BaseScorer",
+            "HarmlessRefusals",
+            "ModelLike",
+            "Scorer",
+            "ScorerContext",
+            "load_scorer_classes",
+            "load_scorers",
+        ],
+        "blasphemer.evaluation.generation": [
+            "StopReason",
+            "Verdict",
+            "generate_verdicts",
+            "greedy_tokens",
+        ],
+        "blasphemer.evaluation.markers": [
+            "common_response_prefix",
+            "DEFAULT_REFUSAL_MARKERS",
+            "RefusalMarkers",
+            "is_refusal",
+            "normalize",
+            "wilson_interval",
+        ],
+        "blasphemer.evaluation.kl": ["KLScorer", "kl_divergence"],
+        "blasphemer.evaluation.refusals": ["RefusalResult", "RefusalScorer"],
+    },
+)

@@ -53,7 +53,7 @@ from blasphemer.evaluation.markers import (
 )
 
 
-class Outcome(StrEnum):
+class StopReason(StrEnum):
     """Why an answer stopped."""
 
     MARKER = "marker"  # a refusal marker appeared
@@ -71,7 +71,7 @@ class Verdict:
     tokens: tuple[int, ...]
     text: str
     refused: bool
-    outcome: Outcome
+    stopped_by: StopReason
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -266,7 +266,7 @@ class _Row:
     index: int
     tokens: list[int] = field(default_factory=list)
     clean: int = 0  # tokens written since the answer first showed content
-    outcome: Outcome | None = None
+    stopped_by: StopReason | None = None
 
 
 def generate_verdicts(
@@ -291,7 +291,7 @@ def generate_verdicts(
     ``on_batch`` is called with the number of prompts of each finished batch.
     ``should_stop(refused, judged)`` is asked after each batch with the refusals and judged
     prompts so far; when it answers True the remaining prompts are not generated and get
-    :attr:`Outcome.SKIPPED` verdicts (``refused=False``), so the refusal count is a lower bound.
+    :attr:`StopReason.SKIPPED` verdicts (``refused=False``), so the refusal count is a lower bound.
     Returns one :class:`Verdict` per prompt, in order.
     """
     if max_new_tokens < 1:
@@ -312,11 +312,11 @@ def generate_verdicts(
         for row, text in zip(open_rows, texts, strict=True):
             answer = judged(text)
             if markers.find(answer) is not None:
-                row.outcome = Outcome.MARKER
+                row.stopped_by = StopReason.MARKER
             elif decided_after is not None and (row.clean or has_content(answer)):
                 row.clean += 1
                 if row.clean >= decided_after:
-                    row.outcome = Outcome.DECIDED
+                    row.stopped_by = StopReason.DECIDED
 
     with torch.inference_mode():
         for indices in length_sorted_batches([len(p) for p in prompts], batch_size):
@@ -326,12 +326,12 @@ def generate_verdicts(
             for step in range(max_new_tokens):
                 for row, token in zip(active, next_tokens.tolist(), strict=True):
                     if token in eos:
-                        row.outcome = Outcome.EOS
+                        row.stopped_by = StopReason.EOS
                     else:
                         row.tokens.append(token)
                 if judge_each_step:
-                    decide([row for row in active if row.outcome is None])
-                keep = [position for position, row in enumerate(active) if row.outcome is None]
+                    decide([row for row in active if row.stopped_by is None])
+                keep = [position for position, row in enumerate(active) if row.stopped_by is None]
                 if not keep or step == max_new_tokens - 1:
                     break
                 if len(keep) < len(active):
@@ -341,13 +341,13 @@ def generate_verdicts(
                     active = [active[position] for position in keep]
                 next_tokens = batch.step(next_tokens)
             for row in active:
-                if row.outcome is None:
-                    row.outcome = Outcome.LENGTH
+                if row.stopped_by is None:
+                    row.stopped_by = StopReason.LENGTH
             del batch  # free the KV cache before the next batch allocates its own
             if on_batch is not None:
                 on_batch(len(indices))
             if should_stop is not None:
-                done = [row for row in rows if row.outcome is not None]
+                done = [row for row in rows if row.stopped_by is not None]
                 texts = decode_answers(tokenizer, [row.tokens for row in done])
                 refused = sum(markers.refuses(judged(text)) for text in texts)
                 if should_stop(refused, len(done)):
@@ -358,8 +358,8 @@ def generate_verdicts(
         Verdict(
             tokens=tuple(row.tokens),
             text=text,
-            refused=row.outcome is not None and markers.refuses(judged(text)),
-            outcome=row.outcome or Outcome.SKIPPED,
+            refused=row.stopped_by is not None and markers.refuses(judged(text)),
+            stopped_by=row.stopped_by or StopReason.SKIPPED,
         )
         for row, text in zip(rows, texts, strict=True)
     ]

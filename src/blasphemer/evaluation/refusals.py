@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from blasphemer.evaluation.base import ModelLike
 from blasphemer.evaluation.generation import (
-    Outcome,
+    StopReason,
     Verdict,
     decode_answers,
     encode_texts,
@@ -43,7 +43,7 @@ class RefusalResult:
     @property
     def judged(self) -> int:
         """Prompts actually answered (all of them unless the evaluation stopped early)."""
-        return sum(v.outcome is not Outcome.SKIPPED for v in self.verdicts)
+        return sum(v.stopped_by is not StopReason.SKIPPED for v in self.verdicts)
 
     @property
     def partial(self) -> bool:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from blasphemer._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from blasphemer.optimization.fingerprint import build_fingerprint
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
         pareto_front,
         parse_rule,
         recommended,
+        recommended_held_out,
         tier,
     )
     from blasphemer.optimization.study import (
@@ -54,39 +56,41 @@ __all__ = [
     "pareto_front",
     "parse_rule",
     "recommended",
+    "recommended_held_out",
     "redact_url",
     "tier",
 ]
 
 # Imported on first use, so that tier() (selection) comes without torch or optuna.
-_HOMES = {
-    "build_fingerprint": "blasphemer.optimization.fingerprint",
-    "Objective": "blasphemer.optimization.objective",
-    "TrialResult": "blasphemer.optimization.objective",
-    "completed_results": "blasphemer.optimization.objective",
-    "SearchSpace": "blasphemer.optimization.search_space",
-    "parameters_from_dict": "blasphemer.optimization.search_space",
-    "parameters_to_dict": "blasphemer.optimization.search_space",
-    "SelectionRule": "blasphemer.optimization.selection",
-    "Tier": "blasphemer.optimization.selection",
-    "pareto_front": "blasphemer.optimization.selection",
-    "parse_rule": "blasphemer.optimization.selection",
-    "recommended": "blasphemer.optimization.selection",
-    "tier": "blasphemer.optimization.selection",
-    "OpenedStudy": "blasphemer.optimization.study",
-    "TrialCounts": "blasphemer.optimization.study",
-    "count_trials": "blasphemer.optimization.study",
-    "create_or_load_study": "blasphemer.optimization.study",
-    "default_storage_url": "blasphemer.optimization.study",
-    "default_study_name": "blasphemer.optimization.study",
-    "enqueue_once": "blasphemer.optimization.study",
-    "open_storage": "blasphemer.optimization.study",
-    "redact_url": "blasphemer.optimization.study",
-}
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(home), name)
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "blasphemer.optimization.fingerprint": ["build_fingerprint"],
+        "blasphemer.optimization.objective": ["Objective", "TrialResult", "completed_results"],
+        "blasphemer.optimization.search_space": [
+            "SearchSpace",
+            "parameters_from_dict",
+            "parameters_to_dict",
+        ],
+        "blasphemer.optimization.selection": [
+            "SelectionRule",
+            "Tier",
+            "pareto_front",
+            "parse_rule",
+            "recommended",
+            "recommended_held_out",
+            "tier",
+        ],
+        "blasphemer.optimization.study": [
+            "OpenedStudy",
+            "TrialCounts",
+            "count_trials",
+            "create_or_load_study",
+            "default_storage_url",
+            "default_study_name",
+            "enqueue_once",
+            "open_storage",
+            "redact_url",
+        ],
+    },
+)
