@@ -117,6 +117,7 @@ def _export_trials(loaded: Any, model_map: Any, export: dict[str, Any]) -> list[
 
     from blasphemer import export as exporting
     from blasphemer.app.context import read_metadata
+    from blasphemer.editing import Ablation
     from blasphemer.optimization import parameters_from_dict
 
     url = f"sqlite:///{Path(export['study_db']).resolve()}"
@@ -128,9 +129,8 @@ def _export_trials(loaded: Any, model_map: Any, export: dict[str, Any]) -> list[
     folders = []
     for number, folder in export["trials"].items():
         parameters = parameters_from_dict(by_number[int(number)]["parameters"])
-        exporting.save_merged(
-            loaded, model_map, directions, parameters, Path(folder), overwrite=True
-        )
+        edit = Ablation(directions, parameters)
+        exporting.save_merged(loaded, model_map, edit, Path(folder), overwrite=True)
         folders.append(folder)
     return folders
 

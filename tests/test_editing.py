@@ -14,8 +14,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from blasphemer import ablation
+from blasphemer.ablation import AblationParameters, KernelParameters
 from blasphemer.architectures.base import ComponentKind, Layout, ModelMap, PostNorm, Writer
-from blasphemer.editing import apply_ablation, merge_ablation
+from blasphemer.editing import Ablation, apply_ablation, merge_ablation
 
 HIDDEN, INNER, EXPERTS, TOKENS = 8, 5, 3, 7
 ATTN, MLP = ComponentKind.ATTENTION, ComponentKind.MLP
@@ -246,3 +247,50 @@ def test_bfloat16_writer_keeps_its_dtype() -> None:
         output = writer.module(x.to(torch.bfloat16))
     assert output.dtype == torch.bfloat16
     assert (output.float() @ unit(10)[0]).abs().max() < 2e-2 * output.float().norm(dim=-1).max()
+
+
+class FixedDirections:
+    """A direction source: layer-own rows for ``None``, else row ``int(index)`` everywhere."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    def for_layers(self, direction_index: float | None) -> torch.Tensor:
+        if direction_index is None:
+            return self.rows
+        return self.rows[int(direction_index)].expand_as(self.rows)
+
+
+@pytest.mark.parametrize("norm_preserving", [False, True])
+def test_ablation_value_applies_merges_and_names_what_it_edits(norm_preserving: bool) -> None:
+    attention = [make_writer(Layout.OUT_IN, ATTN, i) for i in range(3)]
+    mlp = [make_writer(Layout.IN_OUT, MLP, i) for i in range(3)]
+    writers = [[a, m] for a, m in zip(attention, mlp, strict=True)]
+    source = FixedDirections(unit(5, rows=3))
+    kernels = {MLP: KernelParameters(1.0, 2.0, 0.5, 1.0)}  # layers 1 (0.5) and 2 (1.0)
+    edit = Ablation(source, AblationParameters(1.0, kernels, norm_preserving))
+    x, routing = inputs()
+    before = [call(w, x, routing).detach().clone() for w in mlp]
+
+    # apply == the tensor-level call with the directions and weights the parameters stand for
+    with apply_ablation(
+        model_map(writers),
+        source.rows[1].expand(3, HIDDEN),
+        {MLP: torch.tensor([0, 0.5, 1.0])},
+        norm_preserving,
+    ):
+        expected = [call(w, x, routing).detach().clone() for w in mlp]
+    with edit.apply(model_map(writers)) as handle:
+        assert [path for path, _ in handle.edited] == [mlp[1].path, mlp[2].path]
+        for writer, want in zip(mlp, expected, strict=True):
+            torch.testing.assert_close(call(writer, x, routing), want)
+    for writer, original in zip(mlp, before, strict=True):
+        assert torch.equal(call(writer, x, routing), original)  # undone bit for bit
+
+    edited = edit.edited_tensors(model_map(writers))
+    assert {id(t) for t in edited} == {id(mlp[i].weight) for i in (1, 2)} | {
+        id(mlp[i].bias) for i in (1, 2)
+    }
+    assert edit.merge(model_map(writers)) == 2
+    for writer, want in zip(mlp, expected, strict=True):
+        torch.testing.assert_close(call(writer, x, routing), want, atol=1e-5, rtol=1e-5)

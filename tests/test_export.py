@@ -25,7 +25,7 @@ from transformers import (
 from blasphemer.ablation import AblationParameters, KernelParameters
 from blasphemer.app.results import HeldOutScores, model_card, upload_to_hub, write_results
 from blasphemer.architectures.base import ComponentKind, Layout, ModelMap, Writer
-from blasphemer.editing import apply_ablation
+from blasphemer.editing import Ablation, apply_ablation
 from blasphemer.errors import ExportError
 from blasphemer.export import check_output_dir, save_merged
 from blasphemer.optimization.objective import Objective, TrialResult, completed_results
@@ -167,8 +167,7 @@ def test_saved_model_equals_hooked_model_and_memory_is_restored(
     out = save_merged(
         loaded,
         model_map,
-        directions,
-        parameters,
+        Ablation(directions, parameters),
         tmp_path / "out",
         card=card,
         max_shard_size="40KB",
@@ -192,7 +191,7 @@ def test_output_over_or_around_the_source_is_refused(loaded: Loaded, tmp_path: P
     source = Path(loaded.model_id)
     for target in (source, source / "abliterated", source.parent):
         with pytest.raises(ExportError, match="source model folder"):
-            save_merged(loaded, model_map, directions, PARAMETERS, target, overwrite=True)
+            save_merged(loaded, model_map, Ablation(directions, PARAMETERS), target, overwrite=True)
 
 
 def test_unwritable_output_is_refused(loaded: Loaded, tmp_path: Path) -> None:
@@ -201,10 +200,10 @@ def test_unwritable_output_is_refused(loaded: Loaded, tmp_path: Path) -> None:
     model_map, directions = model_map_of(loaded.model), RandomDirections()
     before = snapshot(loaded.model)
     with pytest.raises(ExportError, match="cannot write") as error:
-        save_merged(loaded, model_map, directions, PARAMETERS, blocker / "out")
+        save_merged(loaded, model_map, Ablation(directions, PARAMETERS), blocker / "out")
     assert "\n" not in str(error.value)
     with pytest.raises(ExportError, match="is a file"):
-        save_merged(loaded, model_map, directions, PARAMETERS, blocker)
+        save_merged(loaded, model_map, Ablation(directions, PARAMETERS), blocker)
     after = snapshot(loaded.model)
     assert all(torch.equal(before[name], after[name]) for name in before)
 
@@ -215,8 +214,8 @@ def test_non_empty_output_needs_overwrite(loaded: Loaded, tmp_path: Path) -> Non
     (target / "old.txt").write_text("old")
     model_map, directions = model_map_of(loaded.model), RandomDirections()
     with pytest.raises(ExportError, match="not empty"):
-        save_merged(loaded, model_map, directions, PARAMETERS, target)
-    save_merged(loaded, model_map, directions, PARAMETERS, target, overwrite=True)
+        save_merged(loaded, model_map, Ablation(directions, PARAMETERS), target)
+    save_merged(loaded, model_map, Ablation(directions, PARAMETERS), target, overwrite=True)
     assert not (target / "old.txt").exists() and (target / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -224,7 +223,9 @@ def test_non_empty_output_needs_overwrite(loaded: Loaded, tmp_path: Path) -> Non
 def test_quantised_models_are_refused(loaded: Loaded, tmp_path: Path) -> None:
     loaded.model.hf_quantizer = object()
     with pytest.raises(ExportError, match="quantization none"):
-        save_merged(loaded, model_map_of(loaded.model), RandomDirections(), PARAMETERS, tmp_path)
+        save_merged(
+            loaded, model_map_of(loaded.model), Ablation(RandomDirections(), PARAMETERS), tmp_path
+        )
 
 
 def test_check_output_dir_accepts_a_fresh_folder(tmp_path: Path) -> None:

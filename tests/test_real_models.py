@@ -27,7 +27,7 @@ from blasphemer.ablation import AblationParameters, KernelParameters, as_out_in
 from blasphemer.app import cli
 from blasphemer.architectures.base import ComponentKind, ModelMap
 from blasphemer.directions import Directions, compute_directions
-from blasphemer.editing import apply_ablation, merge_ablation
+from blasphemer.editing import Ablation, apply_ablation, merge_ablation
 from blasphemer.gguf_source import read_header
 from blasphemer.loading import LoadedModel, load_model
 from blasphemer.residuals import mean_residuals
@@ -168,7 +168,9 @@ def test_hooks_merged_weights_and_a_saved_copy_agree(
     with apply_ablation(model_map, vectors, strengths):
         hooked = _logits(loaded, texts)
 
-    saved = export.save_merged(loaded, model_map, directions, parameters, tmp_path / "edited")
+    saved = export.save_merged(
+        loaded, model_map, Ablation(directions, parameters), tmp_path / "edited"
+    )
     assert (saved / "config.json").is_file() and list(saved.glob("*.safetensors"))
     reloaded = load_model(str(saved), dtypes=["float32"], device_map="cpu")
     assert reloaded.gguf is None and type(reloaded.model) is type(loaded.model)

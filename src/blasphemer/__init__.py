@@ -12,10 +12,11 @@ from blasphemer._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from blasphemer.ablation import AblationParameters, KernelParameters
-    from blasphemer.editing import EditHandle, apply_ablation, merge_ablation
+    from blasphemer.editing import Ablation, EditHandle, apply_ablation, merge_ablation
     from blasphemer.errors import BlasphemerError
 
 __all__ = [
+    "Ablation",
     "AblationParameters",
     "BlasphemerError",
     "EditHandle",
@@ -29,7 +30,7 @@ __getattr__ = lazy_exports(
     __name__,
     {
         "blasphemer.ablation": ["AblationParameters", "KernelParameters"],
-        "blasphemer.editing": ["EditHandle", "apply_ablation", "merge_ablation"],
+        "blasphemer.editing": ["Ablation", "EditHandle", "apply_ablation", "merge_ablation"],
         "blasphemer.errors": ["BlasphemerError"],
     },
 )

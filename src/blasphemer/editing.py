@@ -15,12 +15,14 @@ them in place and keeps a copy of just those tensors until :meth:`EditHandle.res
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from blasphemer import ablation
+from blasphemer.ablation import AblationParameters
 from blasphemer.architectures.base import ComponentKind, Layout, ModelMap, Writer
 
 _FUSED = (Layout.EXPERTS_OUT_IN, Layout.EXPERTS_IN_OUT)
@@ -171,3 +173,52 @@ def merge_ablation(
                     )
                 edited += 1
     return edited
+
+
+class DirectionSource(Protocol):
+    """What an edit needs of :class:`blasphemer.directions.Directions`."""
+
+    def for_layers(self, direction_index: float | None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One edit as a value: the refusal directions and the parameters that say which direction
+    is removed from which writer, and how strongly.
+
+    ``apply`` edits a live model reversibly (hooks; the handle restores it bit for bit),
+    ``merge`` writes the same function into the weights for good (for export only).
+    """
+
+    directions: DirectionSource
+    parameters: AblationParameters
+
+    def resolve(self, n_layers: int) -> tuple[torch.Tensor, dict[ComponentKind, torch.Tensor]]:
+        """The direction removed at each layer ``[n_layers, hidden]`` and the strength per layer
+        for each component kind, as :func:`apply_ablation` takes them."""
+        directions = self.directions.for_layers(self.parameters.direction_index)
+        return directions, self.parameters.layer_weights(n_layers)
+
+    def apply(self, model_map: ModelMap) -> EditHandle:
+        """Edit ``model_map``'s writers in place (as hooks); the returned handle undoes it."""
+        directions, strengths = self.resolve(model_map.n_layers)
+        return apply_ablation(model_map, directions, strengths, self.parameters.norm_preserving)
+
+    def merge(self, model_map: ModelMap) -> int:
+        """Write the edit into the weights (see :func:`merge_ablation`); the writers edited."""
+        directions, strengths = self.resolve(model_map.n_layers)
+        return merge_ablation(model_map, directions, strengths, self.parameters.norm_preserving)
+
+    def edited_tensors(self, model_map: ModelMap) -> list[torch.Tensor]:
+        """The weight and bias tensors :meth:`merge` changes (each once; shared ones once)."""
+        strengths = self.parameters.layer_weights(model_map.n_layers)
+        tensors: dict[int, torch.Tensor] = {}
+        for layer_index, writers in enumerate(model_map.writers):
+            for writer in writers:
+                weights = strengths.get(writer.kind)
+                if weights is None or float(weights[layer_index]) == 0.0:
+                    continue
+                for tensor in (writer.weight, writer.bias):
+                    if tensor is not None:
+                        tensors[id(tensor)] = tensor
+        return list(tensors.values())

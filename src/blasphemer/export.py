@@ -23,11 +23,9 @@ import psutil
 import torch
 
 from blasphemer import __version__
-from blasphemer.ablation import AblationParameters
 from blasphemer.architectures.base import ModelMap
-from blasphemer.editing import merge_ablation
+from blasphemer.editing import Ablation
 from blasphemer.errors import ExportError
-from blasphemer.optimization.objective import DirectionSource
 
 
 class LoadedLike(Protocol):
@@ -140,32 +138,17 @@ def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
 # --- merge and save -----------------------------------------------------------------------------
 
 
-def _edited_tensors(model_map: ModelMap, parameters: AblationParameters) -> list[torch.Tensor]:
-    strengths = parameters.layer_weights(model_map.n_layers)
-    tensors: dict[int, torch.Tensor] = {}
-    for layer_index, writers in enumerate(model_map.writers):
-        for writer in writers:
-            weights = strengths.get(writer.kind)
-            if weights is None or float(weights[layer_index]) == 0.0:
-                continue
-            for tensor in (writer.weight, writer.bias):
-                if tensor is not None:
-                    tensors[id(tensor)] = tensor
-    return list(tensors.values())
-
-
 def save_merged(
     loaded: LoadedLike,
     model_map: ModelMap,
-    directions: DirectionSource,
-    parameters: AblationParameters,
+    edit: Ablation,
     output_dir: Path,
     *,
     card: str | None = None,
     max_shard_size: str = "5GB",
     overwrite: bool = False,
 ) -> Path:
-    """Save ``loaded``'s model with ``parameters`` merged into its weights. Returns the folder.
+    """Save ``loaded``'s model with ``edit`` merged into its weights. Returns the folder.
 
     The folder appears complete or not at all (staged beside it, then renamed). With
     ``overwrite`` a non-empty existing folder is replaced; without it that is an ExportError, so
@@ -182,17 +165,10 @@ def save_merged(
         raise ExportError(
             f"output folder {target} is not empty; choose another --output-dir or remove it"
         )
-    originals = [
-        (t, t.detach().to("cpu", copy=True)) for t in _edited_tensors(model_map, parameters)
-    ]
+    originals = [(t, t.detach().to("cpu", copy=True)) for t in edit.edited_tensors(model_map)]
     with _staging_dir(target) as staging:
         try:
-            merge_ablation(
-                model_map,
-                directions.for_layers(parameters.direction_index),
-                parameters.layer_weights(model_map.n_layers),
-                parameters.norm_preserving,
-            )
+            edit.merge(model_map)
             loaded.model.save_pretrained(staging, max_shard_size=max_shard_size)
             loaded.tokenizer.save_pretrained(staging)
             if loaded.processor is not None:

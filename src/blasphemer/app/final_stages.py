@@ -15,7 +15,7 @@ from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
 from blasphemer.app.context import Prompts, refusal_scorer
 from blasphemer.directions import Directions
-from blasphemer.editing import apply_ablation
+from blasphemer.editing import Ablation
 from blasphemer.evaluation import KLScorer, wilson_interval
 from blasphemer.optimization import (
     TrialResult,
@@ -46,14 +46,8 @@ def held_out(
     shown = held_out_order(front)[: settings.held_out_trials]
     with console.progress("held-out evaluation of front trials", len(shown)) as advance:
         for result in shown:
-            parameters = result.parameters
-            assert parameters is not None
-            with apply_ablation(
-                model_map,
-                directions.for_layers(parameters.direction_index),
-                parameters.layer_weights(model_map.n_layers),
-                parameters.norm_preserving,
-            ):
+            assert result.parameters is not None
+            with Ablation(directions, result.parameters).apply(model_map):
                 outcome = refusals.evaluate()
                 divergence = kl.score()
             scores[result.number] = result_files.HeldOutScores(
@@ -191,7 +185,7 @@ def save(
     held = held_out.get(chosen.number)
     source = gguf_record(loaded)
     folder = export.save_merged(
-        loaded, model_map, directions, chosen.parameters, output_dir, overwrite=True
+        loaded, model_map, Ablation(directions, chosen.parameters), output_dir, overwrite=True
     )
     written = write_gguf(folder, settings.gguf, loaded, console) if settings.gguf else None
     card = result_files.model_card(

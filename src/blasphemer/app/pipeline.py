@@ -25,7 +25,7 @@ from blasphemer.app.context import (
     load_prompts,
 )
 from blasphemer.directions import Directions
-from blasphemer.editing import apply_ablation
+from blasphemer.editing import Ablation
 from blasphemer.evaluation.markers import is_refusal
 from blasphemer.optimization import (
     SearchSpace,
@@ -193,12 +193,7 @@ def _samples(outcome: RunResult, console: Console, count: int = 2, pool: int = 8
     order = sorted(range(len(texts)), key=lambda i: not is_refusal(before[i]))[:count]
     texts, requests = [texts[i] for i in order], [requests[i] for i in order]
     before = [before[i] for i in order]
-    with apply_ablation(
-        outcome.model_map,
-        outcome.directions.for_layers(parameters.direction_index),
-        parameters.layer_weights(outcome.model_map.n_layers),
-        parameters.norm_preserving,
-    ):
+    with Ablation(outcome.directions, parameters).apply(outcome.model_map):
         after = answers()
     for request, old, new in zip(requests, before, after, strict=True):
         console.info(f"\nprompt: {request}\n  before: {old}\n  after:  {new}")

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from blasphemer.ablation import AblationParameters
 from blasphemer.architectures.base import ModelMap
-from blasphemer.editing import apply_ablation
+from blasphemer.editing import Ablation, DirectionSource
 from blasphemer.evaluation.base import Scorer
 from blasphemer.optimization.search_space import (
     SearchSpace,
@@ -39,12 +38,6 @@ ATTR_EXTRA = "extra_scores"
 ATTR_SECONDS = "seconds"
 ATTR_EDITED = "edited_writers"
 ATTR_PARTIAL = "dominated_early"  # scoring stopped once the trial was provably dominated
-
-
-class DirectionSource(Protocol):
-    """What the objective needs of :class:`blasphemer.directions.Directions`."""
-
-    def for_layers(self, direction_index: float | None) -> torch.Tensor: ...
 
 
 class RefusalOutcome(Protocol):
@@ -205,11 +198,7 @@ class Objective:
         if self.on_trial_start is not None:
             self.on_trial_start(trial.number, parameters)
         started = self.clock()
-        directions = self.directions.for_layers(parameters.direction_index)
-        strengths = parameters.layer_weights(self.model_map.n_layers)
-        with apply_ablation(
-            self.model_map, directions, strengths, parameters.norm_preserving
-        ) as handle:
+        with Ablation(self.directions, parameters).apply(self.model_map) as handle:
             kl = float(self.kl_scorer.score())  # first: one forward pass, and pruning needs it
             stop = self._stop_rule(trial, kl)
             outcome = self.refusal_scorer.evaluate(should_stop=stop)
