@@ -116,14 +116,14 @@ def _export_trials(loaded: Any, model_map: Any, export: dict[str, Any]) -> list[
     import optuna
 
     from blasphemer import export as exporting
-    from blasphemer.app.context import read_metadata
     from blasphemer.editing import Ablation
     from blasphemer.optimization import parameters_from_dict
+    from blasphemer.optimization.metadata import read_metadata
 
     url = f"sqlite:///{Path(export['study_db']).resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=None, storage=url)
-    _, directions, _ = read_metadata(study, url)
+    directions = read_metadata(study, url).directions
     results = json.loads(Path(export["results_json"]).read_text(encoding="utf-8"))
     by_number = {trial["number"]: trial for trial in results["trials"]}
     folders = []

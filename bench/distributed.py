@@ -48,8 +48,8 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from blasphemer.app.context import ATTR_BUDGET
 from blasphemer.app.pipeline import demo_model_path
+from blasphemer.optimization.metadata import ATTR_BUDGET
 from blasphemer.optimization.objective import TrialResult
 from blasphemer.optimization.runner import BudgetGate, rdb_storage, run_trials
 from blasphemer.optimization.study import create_or_load_study, normalize_url

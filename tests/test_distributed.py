@@ -29,9 +29,9 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from blasphemer.errors import StorageError
-from blasphemer.optimization import study as study_module
+from blasphemer.optimization import storage as storage_module
 from blasphemer.optimization.runner import BudgetGate
-from blasphemer.optimization.study import normalize_url, open_storage
+from blasphemer.optimization.storage import normalize_url, open_storage
 from postgres_server import PostgresServer
 
 pytestmark = [pytest.mark.slow]
@@ -484,7 +484,7 @@ def password_url(postgres: PostgresServer) -> Iterator[str]:
 def test_wrong_password_is_refused_in_one_line_without_it(
     password_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(study_module, "_ATTEMPTS", 1)  # a wrong password is retried otherwise
+    monkeypatch.setattr(storage_module, "_ATTEMPTS", 1)  # a wrong password is retried otherwise
     wrong = "n0pe-Wr0ng"
     with pytest.raises(StorageError) as error:
         open_storage(password_url.replace(PASSWORD, wrong))

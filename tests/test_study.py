@@ -10,22 +10,26 @@ from typing import Any
 
 import optuna
 import pytest
+import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from blasphemer.errors import StorageError
+from blasphemer.optimization import storage as storage_module
 from blasphemer.optimization import study as study_module
 from blasphemer.optimization.fingerprint import build_fingerprint
-from blasphemer.optimization.study import (
-    FINGERPRINT_ATTR,
-    count_trials,
-    create_or_load_study,
+from blasphemer.optimization.metadata import FINGERPRINT_ATTR
+from blasphemer.optimization.storage import (
     default_storage_url,
-    default_study_name,
-    enqueue_once,
     normalize_url,
     open_storage,
     redact_url,
+)
+from blasphemer.optimization.study import (
+    count_trials,
+    create_or_load_study,
+    default_study_name,
+    enqueue_once,
 )
 from postgres_server import PostgresServer, find_bin_dir
 
@@ -78,7 +82,7 @@ def test_redact_url(url: str, expected: str) -> None:
 def test_unreachable_postgres_is_a_storage_error_without_password(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(study_module, "_ATTEMPTS", 2)
+    monkeypatch.setattr(storage_module, "_ATTEMPTS", 2)
     with pytest.raises(StorageError) as error:
         open_storage("postgresql://bob:s3cret@127.0.0.1:1/opt")
     message = str(error.value)
@@ -317,3 +321,30 @@ def test_postgres_fingerprint_mismatch(postgres: PostgresServer) -> None:
     assert (
         _open(url, resume=False, fingerprint={**FINGERPRINT, "model_id": "other"}).counts.used == 0
     )
+
+
+def test_metadata_round_trips_and_a_foreign_study_is_named(tmp_path: Path) -> None:
+    from blasphemer.directions import Directions
+    from blasphemer.errors import StorageError
+    from blasphemer.optimization.metadata import (
+        has_metadata,
+        read_metadata,
+        store_metadata,
+        stored_budget,
+    )
+
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'm.db'}"), study_name="m"
+    )
+    assert not has_metadata(study) and stored_budget(study) is None
+    with pytest.raises(StorageError, match=r"study 'm' in shown-url was not started by"):
+        read_metadata(study, "shown-url")
+    vectors = torch.nn.functional.normalize(torch.randn(3, 5, dtype=torch.float64), dim=-1)
+    directions = Directions(vectors.float(), torch.tensor([0.5, 1.5, 2.5]))
+    store_metadata(study, {"model": "m", "n_trials": 7}, directions, 7)
+    again = optuna.load_study(study_name="m", storage=f"sqlite:///{tmp_path / 'm.db'}")
+    assert has_metadata(again) and stored_budget(again) == 7
+    metadata = read_metadata(again, "shown-url")
+    assert metadata.settings == {"model": "m", "n_trials": 7} and metadata.budget == 7
+    assert torch.equal(metadata.directions.vectors, directions.vectors)
+    assert torch.equal(metadata.directions.strength, directions.strength)

@@ -16,7 +16,7 @@ from blasphemer import architectures, gguf_source, loading
 from blasphemer.app import preflight, stages
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
-from blasphemer.app.context import ATTR_BUDGET, load_prompts, refusal_scorer
+from blasphemer.app.context import load_prompts, refusal_scorer
 from blasphemer.errors import ConfigError, StorageError
 from blasphemer.evaluation import KLScorer, wilson_interval
 from blasphemer.optimization import (
@@ -28,6 +28,7 @@ from blasphemer.optimization import (
     redact_url,
     tier,
 )
+from blasphemer.optimization.metadata import stored_budget
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,8 @@ def status(settings: Settings, console: Console) -> int:
             f"no study {settings.study_name!r} in {shown}; check --study-name"
         ) from None
     counts = count_trials(study)
-    budget = study.user_attrs.get(ATTR_BUDGET, "?")
+    stored = stored_budget(study)
+    budget = "?" if stored is None else stored
     workers = sorted(
         {str(t.user_attrs.get("worker", "?")) for t in study.get_trials(deepcopy=False)}
     )

@@ -7,30 +7,19 @@ the small steps that build them (prompt splits, scorers, study metadata), so tha
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import optuna
-import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from blasphemer import prompts as prompt_sets
 from blasphemer.app.config import Settings
-from blasphemer.directions import Directions
-from blasphemer.errors import DatasetError, StorageError
+from blasphemer.errors import DatasetError
 from blasphemer.evaluation import KLScorer, RefusalScorer, ScorerContext, load_scorers
 from blasphemer.evaluation.base import Scorer
 from blasphemer.loading import LoadedModel
-from blasphemer.optimization import build_fingerprint
+from blasphemer.optimization.fingerprint import build_fingerprint, model_digest
 
-ATTR_SETTINGS = "blasphemer:settings"
-ATTR_DIRECTIONS = "blasphemer:directions"
-ATTR_BUDGET = "blasphemer:budget"
 # Settings a worker may choose for itself: they change speed or display, never scores.
 WORKER_LOCAL = ("storage", "study_name", "batch_size", "device_map", "quiet", "debug", "run_dir")
 
@@ -168,21 +157,6 @@ def build_scorers(settings: Settings, loaded: LoadedModel, prompts: Prompts, bat
     return Scorers(refusals, kl, extra)
 
 
-def model_digest(model_id: str) -> str:
-    """Cheap identity of a local model: a folder's config and the names and sizes of its files,
-    or a single file's (a GGUF) name and size; ``"hub"`` for hub ids."""
-    folder = Path(model_id).expanduser()
-    if folder.is_file():
-        return hashlib.sha256(f"{folder.name}:{folder.stat().st_size}".encode()).hexdigest()[:16]
-    if not folder.is_dir():
-        return "hub"
-    hasher = hashlib.sha256((folder / "config.json").read_bytes())
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            hasher.update(f"{path.name}:{path.stat().st_size}".encode())
-    return hasher.hexdigest()[:16]
-
-
 def study_fingerprint(settings: Settings, loaded: LoadedModel, prompts: Prompts) -> dict[str, Any]:
     """What the study's scores depend on; a worker or run with a different one is refused."""
     return build_fingerprint(
@@ -202,36 +176,3 @@ def shared_settings(settings: Settings) -> dict[str, Any]:
     """Settings stored in the study for workers: everything but the worker-local ones."""
     data = settings.model_dump(mode="json")
     return {k: v for k, v in data.items() if k not in WORKER_LOCAL}
-
-
-def encode_directions(directions: Directions) -> str:
-    tensors = {"vectors": directions.vectors.contiguous(), "strength": directions.strength}
-    return base64.b64encode(save_tensors(tensors)).decode("ascii")
-
-
-def decode_directions(text: str) -> Directions:
-    tensors = load_tensors(base64.b64decode(text))
-    return Directions(tensors["vectors"].to(torch.float32), tensors["strength"].to(torch.float32))
-
-
-def store_metadata(
-    study: optuna.Study, settings: Settings, directions: Directions, budget: int
-) -> None:
-    """Record what a worker needs to join: settings, directions and the trial budget."""
-    study.set_user_attr(ATTR_SETTINGS, shared_settings(settings))
-    study.set_user_attr(ATTR_DIRECTIONS, encode_directions(directions))
-    study.set_user_attr(ATTR_BUDGET, budget)
-
-
-def read_metadata(study: optuna.Study, shown_url: str) -> tuple[dict[str, Any], Directions, int]:
-    attrs = study.user_attrs
-    if ATTR_SETTINGS not in attrs or ATTR_DIRECTIONS not in attrs:
-        raise StorageError(
-            f"study {study.study_name!r} in {shown_url} was not started by `blasphemer run`; "
-            "start it with `blasphemer run MODEL --storage URL --study-name NAME`"
-        )
-    return (
-        dict(attrs[ATTR_SETTINGS]),
-        decode_directions(attrs[ATTR_DIRECTIONS]),
-        int(attrs.get(ATTR_BUDGET, 0)),
-    )

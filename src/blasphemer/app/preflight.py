@@ -21,7 +21,7 @@ from sqlalchemy.pool import NullPool
 
 from blasphemer import gguf_source
 from blasphemer.errors import ConfigError, ExportError, ModelLoadError, StorageError
-from blasphemer.optimization.study import error_line, normalize_url, redact_url
+from blasphemer.optimization.storage import error_line, normalize_url, redact_url
 
 _BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

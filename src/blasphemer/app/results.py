@@ -23,7 +23,7 @@ from blasphemer.evaluation.markers import wilson_interval
 from blasphemer.export import OUTPUT_MARKER, write_text_atomic
 from blasphemer.optimization.objective import TrialResult
 from blasphemer.optimization.search_space import parameters_to_dict
-from blasphemer.optimization.study import redact_url
+from blasphemer.optimization.storage import redact_url
 
 CARD_TAGS = ("abliterated", "uncensored", "blasphemer")
 

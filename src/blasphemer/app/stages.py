@@ -18,11 +18,10 @@ from blasphemer.app import preflight
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console, TrialMonitor
 from blasphemer.app.context import (
-    ATTR_BUDGET,
     Prompts,
     Scorers,
     select_prompts,
-    store_metadata,
+    shared_settings,
     study_fingerprint,
 )
 from blasphemer.directions import Directions, compute_directions
@@ -42,6 +41,7 @@ from blasphemer.optimization import (
     parse_rule,
     redact_url,
 )
+from blasphemer.optimization.metadata import store_metadata, stored_budget
 from blasphemer.optimization.runner import BudgetGate, run_trials
 from blasphemer.residuals import mean_residuals
 
@@ -219,10 +219,10 @@ def open_study(
             opened = open_with(False)
     study = opened.study
     counts = count_trials(study)
-    stored = study.user_attrs.get(ATTR_BUDGET)
+    stored = stored_budget(study)
     explicit = "n_trials" in settings.model_fields_set
-    budget = settings.n_trials if explicit or stored is None else int(stored)
-    store_metadata(study, settings, directions, budget)
+    budget = settings.n_trials if explicit or stored is None else stored
+    store_metadata(study, shared_settings(settings), directions, budget)
     with BudgetGate(study).hold():  # serialised with every ask: two runs queue it only once
         fresh = count_trials(study)
         if fresh.complete == 0 and fresh.waiting == 0:

@@ -9,15 +9,7 @@ import optuna
 from blasphemer.app import preflight, stages
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
-from blasphemer.app.context import (
-    ATTR_BUDGET,
-    ATTR_DIRECTIONS,
-    ATTR_SETTINGS,
-    build_scorers,
-    load_prompts,
-    read_metadata,
-    study_fingerprint,
-)
+from blasphemer.app.context import build_scorers, load_prompts, study_fingerprint
 from blasphemer.errors import ConfigError, StorageError
 from blasphemer.optimization import (
     SearchSpace,
@@ -26,7 +18,7 @@ from blasphemer.optimization import (
     open_storage,
     redact_url,
 )
-from blasphemer.optimization.study import FINGERPRINT_ATTR
+from blasphemer.optimization.metadata import FINGERPRINT_ATTR, has_metadata, read_metadata
 
 WORKER_WAIT_S = 3600  # how long a worker waits for `run` to start its study
 WORKER_POLL_S = 2.0
@@ -39,9 +31,10 @@ def work(settings: Settings, console: Console) -> int:
     shown = redact_url(settings.storage)
     preflight.check_storage(settings.storage)
     study = _await_study(open_storage(settings.storage), settings.study_name, shown, console)
-    stored, directions, budget = read_metadata(study, shown)
+    metadata = read_metadata(study, shown)
+    directions, budget = metadata.directions, metadata.budget
     local = {k: v for k, v in settings.model_dump().items() if k in settings.model_fields_set}
-    joined = Settings(**{**stored, **local, "resume": True})
+    joined = Settings(**{**metadata.settings, **local, "resume": True})
     assert joined.model is not None
     console.stage(1, 4, f"Loading {joined.model}")
     loaded = stages.load_model(joined)
@@ -86,10 +79,9 @@ def _await_study(
         except KeyError:
             study = None
         if study is not None:
-            attrs = study.user_attrs
-            if all(key in attrs for key in (ATTR_SETTINGS, ATTR_DIRECTIONS, ATTR_BUDGET)):
+            if has_metadata(study):
                 return study
-            if FINGERPRINT_ATTR not in attrs and study.get_trials(deepcopy=False):
+            if FINGERPRINT_ATTR not in study.user_attrs and study.get_trials(deepcopy=False):
                 return study  # not ours: read_metadata says so in one line
         if time.monotonic() >= deadline:
             raise StorageError(

@@ -1,4 +1,5 @@
-"""Optimisation: the search space, the study in its storage, the objective and trial selection."""
+"""Optimisation: the search space, the study (its storage, metadata and fingerprint), the
+objective and trial selection."""
 
 from __future__ import annotations
 
@@ -23,16 +24,14 @@ if TYPE_CHECKING:
         recommended_held_out,
         tier,
     )
+    from blasphemer.optimization.storage import default_storage_url, open_storage, redact_url
     from blasphemer.optimization.study import (
         OpenedStudy,
         TrialCounts,
         count_trials,
         create_or_load_study,
-        default_storage_url,
         default_study_name,
         enqueue_once,
-        open_storage,
-        redact_url,
     )
 
 __all__ = [
@@ -81,16 +80,14 @@ __getattr__ = lazy_exports(
             "recommended_held_out",
             "tier",
         ],
+        "blasphemer.optimization.storage": ["default_storage_url", "open_storage", "redact_url"],
         "blasphemer.optimization.study": [
             "OpenedStudy",
             "TrialCounts",
             "count_trials",
             "create_or_load_study",
-            "default_storage_url",
             "default_study_name",
             "enqueue_once",
-            "open_storage",
-            "redact_url",
         ],
     },
 )

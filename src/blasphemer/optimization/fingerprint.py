@@ -7,8 +7,10 @@ setups in one Pareto front would be meaningless.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 SCORE_SETTINGS: tuple[str, ...] = (
@@ -74,3 +76,18 @@ def fingerprint_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, ensure_ascii=False)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def model_digest(model_id: str) -> str:
+    """Cheap identity of a local model: a folder's config and the names and sizes of its files,
+    or a single file's (a GGUF) name and size; ``"hub"`` for hub ids."""
+    folder = Path(model_id).expanduser()
+    if folder.is_file():
+        return hashlib.sha256(f"{folder.name}:{folder.stat().st_size}".encode()).hexdigest()[:16]
+    if not folder.is_dir():
+        return "hub"
+    hasher = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            hasher.update(f"{path.name}:{path.stat().st_size}".encode())
+    return hasher.hexdigest()[:16]
