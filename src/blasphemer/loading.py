@@ -72,7 +72,7 @@ class LoadedModel:
     @property
     def input_device(self) -> torch.device:
         """Device of the input embeddings: where token ids must be sent."""
-        return _input_device(self.model)
+        return input_device(self.model)
 
 
 def load_model(
@@ -288,7 +288,7 @@ def _forget_gguf_quantizer(model: PreTrainedModel) -> None:
 def _next_token_logits_finite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
     """Greedy one-token check: are the next-token logits of a short prompt all finite?"""
     encoded = tokenizer([_SANITY_PROMPT], return_tensors="pt")
-    device = _input_device(model)
+    device = input_device(model)
     with torch.inference_mode():
         output = model(
             input_ids=encoded["input_ids"].to(device),
@@ -298,8 +298,9 @@ def _next_token_logits_finite(model: PreTrainedModel, tokenizer: PreTrainedToken
     return bool(torch.isfinite(output.logits[:, -1, :]).all())
 
 
-def _input_device(model: PreTrainedModel) -> torch.device:
-    embeddings = model.get_input_embeddings()
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's input embeddings, where input ids must be placed."""
+    embeddings: torch.nn.Module = model.get_input_embeddings()  # type: ignore[operator]
     return next(embeddings.parameters()).device
 
 

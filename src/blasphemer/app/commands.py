@@ -16,9 +16,8 @@ from blasphemer import architectures, gguf_source, loading
 from blasphemer.app import preflight, stages
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
-from blasphemer.app.context import load_prompts, refusal_scorer
 from blasphemer.errors import ConfigError, StorageError
-from blasphemer.evaluation import KLScorer, wilson_interval
+from blasphemer.evaluation import wilson_interval
 from blasphemer.optimization import (
     completed_results,
     count_trials,
@@ -48,12 +47,7 @@ def _load(settings: Settings, model: ModelRef | None = None) -> loading.LoadedMo
 def inspect(settings: Settings, as_json: bool, console: Console) -> int:
     """Print the layers and residual-stream writers Blasphemer would edit."""
     loaded = _load(settings)
-    override = (
-        architectures.load_override(settings.architecture_override)
-        if settings.architecture_override
-        else None
-    )
-    description = architectures.describe(architectures.resolve(loaded.model, override))
+    description = architectures.describe(stages.resolve_map(settings, loaded))
     if loaded.gguf is not None and loaded.gguf.local_path is not None:
         header = gguf_source.read_header(loaded.gguf.local_path)
         description["gguf"] = {
@@ -82,25 +76,26 @@ def inspect(settings: Settings, as_json: bool, console: Console) -> int:
 def evaluate(settings: Settings, base_ref: ModelRef, as_json: bool, console: Console) -> int:
     """Refusals (report split, full length) and KL of ``settings.model`` against ``base``."""
     base = base_ref.name
-    base_loaded = _load(settings, base_ref)
-    prompts = load_prompts(settings, base_loaded.tokenizer)
-    batch = settings.batch_size or 16
-    kl = KLScorer(base_loaded, prompts.harmless.report, batch_size=batch)
+    # The base model's run context: its prompt splits and the batch size measured on it (or
+    # --batch-size), used for both models.
+    notes = console.on_stderr() if as_json else console
+    ctx = stages.prepare(settings, notes, model=base, gguf_file=base_ref.gguf_file)
+    prompts = ctx.prompts
+    kl = ctx.kl_scorer(prompts.harmless.report)
 
-    def refusals(loaded: loading.LoadedModel) -> tuple[int, int]:
-        result = refusal_scorer(settings, loaded, prompts.harmful.report, batch).evaluate()
+    def refusals() -> tuple[int, int]:  # of the context's model
+        result = ctx.refusal_scorer(prompts.harmful.report).evaluate()
         return sum(result.refused), len(result.refused)
 
-    base_refused, n = refusals(base_loaded)
+    base_refused, n = refusals()
     model_loaded = _load(settings)
-    if len(model_loaded.tokenizer) != len(base_loaded.tokenizer):
+    if len(model_loaded.tokenizer) != len(ctx.loaded.tokenizer):
         raise ConfigError(
             f"{settings.model} and {base} have different vocabularies; KL needs the same tokenizer"
         )
-    del base_loaded
-    kl.loaded = model_loaded
+    ctx.loaded = kl.loaded = model_loaded  # the base model goes; KL keeps its logits
     divergence = kl.score()
-    refused, _ = refusals(model_loaded)
+    refused, _ = refusals()
     low, high = wilson_interval(refused, n)
     result = {
         "model": settings.model,

@@ -99,6 +99,11 @@ class Console:
         self._err = RichConsole(file=sys.stderr, highlight=False, soft_wrap=True)
         self.interactive = sys.stdin.isatty() and self._out.is_terminal
 
+    def on_stderr(self) -> Console:
+        """A console like this one that writes everything to standard error (for the status
+        lines of a command whose standard output is JSON)."""
+        return Console(quiet=True, debug=self.debug, stream=sys.stderr)
+
     # --- lines ------------------------------------------------------------------------------
     def info(self, message: str) -> None:
         self._out.print(escape(message))

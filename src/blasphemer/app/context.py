@@ -1,8 +1,9 @@
 """The prepared pieces of a run that every worker of a study shares, built from settings.
 
-:mod:`blasphemer.app.pipeline` sequences the stages; this module holds what the stages build and
-the small steps that build them (prompt splits, scorers, study metadata), so that ``run`` and
-``worker`` build them the same way.
+:class:`RunContext` holds them (settings, console, model, layer map, prompt splits, batch size)
+and builds what is made of them (scorers, the study fingerprint); the stages, ``evaluate`` and the
+worker take it instead of long argument lists. :func:`blasphemer.app.stages.prepare` builds it,
+so that ``run``, ``worker`` and ``evaluate`` build it the same way.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any
 
 from blasphemer import prompts as prompt_sets
 from blasphemer.app.config import Settings
+from blasphemer.app.console import Console
+from blasphemer.architectures import ModelMap
 from blasphemer.errors import DatasetError
 from blasphemer.evaluation import KLScorer, RefusalScorer, ScorerContext, load_scorers
 from blasphemer.evaluation.base import Scorer
+from blasphemer.evaluation.batching import BatchChoice
 from blasphemer.loading import LoadedModel
 from blasphemer.optimization.fingerprint import build_fingerprint, model_digest
 
@@ -115,61 +119,75 @@ class Scorers:
     extra: list[Scorer]
 
 
-def refusal_scorer(
-    settings: Settings,
-    loaded: LoadedModel,
-    texts: list[str],
-    batch: int,
-    decided_after: int | None = None,
-) -> RefusalScorer:
-    """Refusals on ``texts`` as settings say; ``decided_after=None`` judges full-length answers.
+@dataclass(eq=False)
+class RunContext:
+    """A run's pieces, each built once from its settings; see the module docstring."""
 
-    A refusal marker always ends its answer early: the verdict is the same, the work smaller.
-    """
-    return RefusalScorer(
-        loaded,
-        texts,
-        markers=settings.refusal_markers,
-        max_new_tokens=settings.max_new_tokens,
-        decided_after=decided_after,
-        batch_size=batch,
-        stop_at_marker=True,
-    )
+    settings: Settings
+    console: Console
+    loaded: LoadedModel
+    model_map: ModelMap
+    prompts: Prompts
+    batch: BatchChoice
 
+    @property
+    def batch_size(self) -> int:
+        return self.batch.size
 
-def build_scorers(settings: Settings, loaded: LoadedModel, prompts: Prompts, batch: int) -> Scorers:
-    """Scorers on the *select* split; call while the model is unedited (KL caches the original)."""
-    decided_after = None if settings.exact_verdicts else settings.decided_after
-    refusals = refusal_scorer(settings, loaded, prompts.harmful.select, batch, decided_after)
-    kl = KLScorer(
-        loaded, prompts.harmless.select, batch_size=batch, positions=settings.kl_positions
-    )
-    context = ScorerContext(
-        loaded=loaded,
-        harmful_texts=prompts.harmful.select,
-        harmless_texts=prompts.harmless.select,
-        batch_size=batch,
-        max_new_tokens=settings.max_new_tokens,
-        decided_after=decided_after,
-        markers=settings.refusal_markers,
-    )
-    extra = load_scorers([str(p) for p in settings.scorers], context)
-    return Scorers(refusals, kl, extra)
+    def refusal_scorer(self, texts: list[str], decided_after: int | None = None) -> RefusalScorer:
+        """Refusals of the context's model on ``texts`` as the settings say;
+        ``decided_after=None`` judges full-length answers. A refusal marker always ends its
+        answer early: the verdict is the same, the work smaller."""
+        return RefusalScorer(
+            self.loaded,
+            texts,
+            markers=self.settings.refusal_markers,
+            max_new_tokens=self.settings.max_new_tokens,
+            decided_after=decided_after,
+            batch_size=self.batch_size,
+            stop_at_marker=True,
+        )
 
+    def kl_scorer(self, texts: list[str]) -> KLScorer:
+        """KL from the run's model as it is now (unedited) on ``texts``, as the settings say."""
+        return KLScorer(
+            self.loaded, texts, batch_size=self.batch_size, positions=self.settings.kl_positions
+        )
 
-def study_fingerprint(settings: Settings, loaded: LoadedModel, prompts: Prompts) -> dict[str, Any]:
-    """What the study's scores depend on; a worker or run with a different one is refused."""
-    return build_fingerprint(
-        model_id=loaded.model_id,
-        revision=loaded.revision,
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        settings=settings.model_dump(mode="json"),
-        prompt_fingerprints={
-            "harmful": prompts.harmful.fingerprint,
-            "harmless": prompts.harmless.fingerprint,
-        },
-        model_digest=model_digest(loaded.model_id),
-    )
+    def select_scorers(self) -> Scorers:
+        """Scorers on the *select* split; call while the model is unedited (KL caches the
+        original)."""
+        settings, prompts = self.settings, self.prompts
+        decided_after = None if settings.exact_verdicts else settings.decided_after
+        context = ScorerContext(
+            loaded=self.loaded,
+            harmful_texts=prompts.harmful.select,
+            harmless_texts=prompts.harmless.select,
+            batch_size=self.batch_size,
+            max_new_tokens=settings.max_new_tokens,
+            decided_after=decided_after,
+            markers=settings.refusal_markers,
+        )
+        return Scorers(
+            self.refusal_scorer(prompts.harmful.select, decided_after),
+            self.kl_scorer(prompts.harmless.select),
+            load_scorers([str(p) for p in settings.scorers], context),
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the study's scores depend on; a worker or run with a different one is refused."""
+        loaded = self.loaded
+        return build_fingerprint(
+            model_id=loaded.model_id,
+            revision=loaded.revision,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            settings=self.settings.model_dump(mode="json"),
+            prompt_fingerprints={
+                "harmful": self.prompts.harmful.fingerprint,
+                "harmless": self.prompts.harmless.fingerprint,
+            },
+            model_digest=model_digest(loaded.model_id),
+        )
 
 
 def shared_settings(settings: Settings) -> dict[str, Any]:

@@ -6,17 +6,17 @@ returns a value object for the next; :mod:`blasphemer.app.pipeline` sequences th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from blasphemer import architectures, export, gguf_export, gguf_source, loading
+from blasphemer import export, gguf_export, gguf_source, loading
 from blasphemer.app import preflight, report
 from blasphemer.app import results as result_files
-from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
-from blasphemer.app.context import Prompts, refusal_scorer
+from blasphemer.app.context import RunContext
 from blasphemer.directions import Directions
 from blasphemer.editing import Ablation
-from blasphemer.evaluation import KLScorer, wilson_interval
+from blasphemer.evaluation import wilson_interval
 from blasphemer.optimization import (
     TrialResult,
     parse_rule,
@@ -26,24 +26,26 @@ from blasphemer.optimization import (
 )
 
 
+@dataclass(eq=False)
+class Findings:
+    """What the search found: every complete trial, the Pareto front, and the held-out numbers
+    of the front trials scored on the report split (by trial number)."""
+
+    results: list[TrialResult]
+    front: list[TrialResult]
+    held_out: dict[int, result_files.HeldOutScores]
+
+
 def held_out(
-    settings: Settings,
-    loaded: loading.LoadedModel,
-    model_map: architectures.ModelMap,
-    directions: Directions,
-    prompts: Prompts,
-    front: list[TrialResult],
-    batch: int,
-    console: Console,
+    ctx: RunContext, directions: Directions, front: list[TrialResult]
 ) -> dict[int, result_files.HeldOutScores]:
     """Report-split refusals (full length) and KL for the front's trials, plus the original."""
-    refusals = refusal_scorer(settings, loaded, prompts.harmful.report, batch)
-    kl = KLScorer(
-        loaded, prompts.harmless.report, batch_size=batch, positions=settings.kl_positions
-    )
+    console, model_map = ctx.console, ctx.model_map
+    refusals = ctx.refusal_scorer(ctx.prompts.harmful.report)
+    kl = ctx.kl_scorer(ctx.prompts.harmless.report)
     original = refusals.evaluate()
     scores: dict[int, result_files.HeldOutScores] = {}
-    shown = held_out_order(front)[: settings.held_out_trials]
+    shown = held_out_order(front)[: ctx.settings.held_out_trials]
     with console.progress("held-out evaluation of front trials", len(shown)) as advance:
         for result in shown:
             assert result.parameters is not None
@@ -133,23 +135,19 @@ def held_out_values(
     return {number: (s.refusal_rate, s.kl) for number, s in scores.items()}
 
 
-def choose(
-    settings: Settings,
-    results: list[TrialResult],
-    front: list[TrialResult],
-    console: Console,
-    held_out: dict[int, result_files.HeldOutScores] | None = None,
-) -> TrialResult | None:
+def choose(ctx: RunContext, findings: Findings) -> TrialResult | None:
     """The trial to save: ``--select``'s rule, else the ⭐ (``--yes`` or no terminal), else the
     user's pick from the front; None when nothing is to be saved. The ⭐ is the knee rule on the
     held-out numbers when two or more front trials have them (see
     :func:`~blasphemer.optimization.selection.recommended_held_out`)."""
+    settings, console = ctx.settings, ctx.console
+    results, front = findings.results, findings.front
     if not results:
         console.warn("no trial finished; nothing to save")
         return None
     if settings.select is not None:
         return parse_rule(settings.select).select(results)
-    star = recommended_held_out(front, held_out_values(held_out or {}))
+    star = recommended_held_out(front, held_out_values(findings.held_out))
     assert star is not None
     if settings.yes or not console.interactive:
         return star
@@ -161,20 +159,17 @@ def choose(
 
 
 def save(
-    settings: Settings,
-    loaded: loading.LoadedModel,
-    model_map: architectures.ModelMap,
+    ctx: RunContext,
     directions: Directions,
-    results: list[TrialResult],
-    front: list[TrialResult],
+    findings: Findings,
     chosen: TrialResult,
-    held_out: dict[int, result_files.HeldOutScores],
     output_dir: Path,
-    console: Console,
     timings: dict[str, float] | None = None,
 ) -> None:
     """Save ``chosen`` merged into the weights, with model card, results.json and report (and
     the GGUF and upload when asked); asks first when interactive without ``--yes``."""
+    settings, console, loaded, model_map = ctx.settings, ctx.console, ctx.loaded, ctx.model_map
+    results, front, held_out = findings.results, findings.front, findings.held_out
     assert chosen.parameters is not None
     if (
         not settings.yes

@@ -8,6 +8,8 @@ choosing, saving) are in :mod:`blasphemer.app.final_stages`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -19,10 +21,11 @@ from blasphemer.app.config import Settings
 from blasphemer.app.console import Console, TrialMonitor
 from blasphemer.app.context import (
     Prompts,
+    RunContext,
     Scorers,
+    load_prompts,
     select_prompts,
     shared_settings,
-    study_fingerprint,
 )
 from blasphemer.directions import Directions, compute_directions
 from blasphemer.errors import ConfigError
@@ -121,15 +124,20 @@ def load_model(
     )
 
 
-def map_model(
-    settings: Settings, loaded: loading.LoadedModel, console: Console
-) -> architectures.ModelMap:
+def resolve_map(settings: Settings, loaded: loading.LoadedModel) -> architectures.ModelMap:
+    """The layer map of ``loaded``, with ``--architecture-override`` when given."""
     override = (
         architectures.load_override(settings.architecture_override)
         if settings.architecture_override
         else None
     )
-    model_map = architectures.resolve(loaded.model, override)
+    return architectures.resolve(loaded.model, override)
+
+
+def map_model(
+    settings: Settings, loaded: loading.LoadedModel, console: Console
+) -> architectures.ModelMap:
+    model_map = resolve_map(settings, loaded)
     writers = sum(len(w) for w in model_map.writers)
     console.info(
         f"{model_map.spec_name}: {model_map.n_layers} layers, hidden {model_map.hidden_size}, "
@@ -160,40 +168,76 @@ def batch_size(
     return choice
 
 
-def compute_refusal_directions(
+PREPARE_STEPS = {
+    "load": "Loading {model}",
+    "map": "Mapping layers and residual-stream writers",
+    "prompts_and_batch_size": "Loading and splitting prompt sets",
+}
+"""The steps of :func:`prepare`: a key (for timings) and a title (for the stage line)."""
+
+
+def prepare(
     settings: Settings,
-    loaded: loading.LoadedModel,
-    model_map: architectures.ModelMap,
-    prompts: Prompts,
-    batch: int,
     console: Console,
-) -> Directions:
+    on_step: Callable[[str, str], None] | None = None,
+    *,
+    model: str | None = None,
+    gguf_file: str | None = None,
+) -> RunContext:
+    """Load the model, map its layers, load the prompt splits and choose the batch size: the
+    run's pieces, built once. ``on_step(key, title)`` is called before each step (see
+    :data:`PREPARE_STEPS`). ``model`` and ``gguf_file`` default to the settings' own."""
+    shown = model or settings.model
+
+    def step(key: str) -> None:
+        if on_step is not None:
+            on_step(key, PREPARE_STEPS[key].format(model=shown))
+
+    step("load")
+    loaded = load_model(settings, model, gguf_file)
+    step("map")
+    model_map = map_model(settings, loaded, console)
+    step("prompts_and_batch_size")
+    prompts = load_prompts(settings, loaded.tokenizer)
+    choice = batch_size(settings, loaded, prompts, console)
+    return RunContext(settings, console, loaded, model_map, prompts, choice)
+
+
+def compute_refusal_directions(ctx: RunContext) -> Directions:
+    """Refusal directions from the mean residuals of the fit split (harmful − harmless)."""
+    prompts, console = ctx.prompts, ctx.console
     means = {}
     for name, texts in (("harmful", prompts.harmful.fit), ("harmless", prompts.harmless.fit)):
         with console.progress(f"residuals of {len(texts)} {name} prompts", len(texts)) as advance:
             means[name] = mean_residuals(
-                loaded, model_map, texts, batch_size=batch, on_batch=advance
+                ctx.loaded, ctx.model_map, texts, batch_size=ctx.batch_size, on_batch=advance
             )
     directions = compute_directions(
-        means["harmful"], means["harmless"], projected=settings.projected_directions
+        means["harmful"], means["harmless"], projected=ctx.settings.projected_directions
     )
     best = int(torch.argmax(directions.strength))
     console.info(f"strongest separation at layer {best} of {directions.n_layers}")
     return directions
 
 
-def open_study(
-    settings: Settings,
-    loaded: loading.LoadedModel,
-    prompts: Prompts,
-    directions: Directions,
-    space: SearchSpace,
-    console: Console,
-) -> tuple[optuna.Study, int]:
+@dataclass(eq=False)
+class StudyRun:
+    """An open study and what its trials use: the trial budget, directions and search space."""
+
+    study: optuna.Study
+    budget: int
+    directions: Directions
+    space: SearchSpace
+
+
+def open_study(ctx: RunContext, directions: Directions) -> StudyRun:
+    """Create or resume the run's study, store what workers need, queue the reference trial."""
+    settings, console = ctx.settings, ctx.console
     assert settings.model is not None
+    space = SearchSpace.build(ctx.model_map.n_layers, norm_preserving=settings.norm_preserving)
     url = settings.storage or default_storage_url(run_dir(settings, settings.model))
     name = settings.study_name or default_study_name(settings.model)
-    fingerprint = study_fingerprint(settings, loaded, prompts)
+    fingerprint = ctx.fingerprint()
 
     def open_with(resume: bool | None) -> OpenedStudy:
         return create_or_load_study(
@@ -231,7 +275,7 @@ def open_study(
     console.info(
         f"{verb} study {name!r} in {redact_url(url)}: {counts.complete} of {budget} trials done"
     )
-    return study, budget
+    return StudyRun(study, budget, directions, space)
 
 
 def reference_index(directions: Directions, space: SearchSpace) -> float:
@@ -244,16 +288,9 @@ def reference_index(directions: Directions, space: SearchSpace) -> float:
     return float(torch.argmax(strength)) if strength.max() >= 0 else (low + high) / 2
 
 
-def optimise(
-    settings: Settings,
-    study: optuna.Study,
-    budget: int,
-    model_map: architectures.ModelMap,
-    directions: Directions,
-    space: SearchSpace,
-    scorers: Scorers,
-    console: Console,
-) -> None:
+def optimise(ctx: RunContext, run: StudyRun, scorers: Scorers) -> None:
+    """Run trials until the study's budget is used (by this process and any workers)."""
+    study, budget, settings, console = run.study, run.budget, ctx.settings, ctx.console
     counts = count_trials(study)
     monitor = TrialMonitor(total=budget, done_before=counts.complete)
 
@@ -261,9 +298,9 @@ def optimise(
         console.trial_finished(monitor, result.number, result.refusal_rate, result.kl)
 
     objective = Objective(
-        model_map=model_map,
-        directions=directions,
-        search_space=space,
+        model_map=ctx.model_map,
+        directions=run.directions,
+        search_space=run.space,
         refusal_scorer=scorers.refusals,
         kl_scorer=scorers.kl,
         extra_scorers=scorers.extra,

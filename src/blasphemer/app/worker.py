@@ -9,7 +9,6 @@ import optuna
 from blasphemer.app import preflight, stages
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
-from blasphemer.app.context import build_scorers, load_prompts, study_fingerprint
 from blasphemer.errors import ConfigError, StorageError
 from blasphemer.optimization import (
     SearchSpace,
@@ -36,27 +35,28 @@ def work(settings: Settings, console: Console) -> int:
     local = {k: v for k, v in settings.model_dump().items() if k in settings.model_fields_set}
     joined = Settings(**{**metadata.settings, **local, "resume": True})
     assert joined.model is not None
-    console.stage(1, 4, f"Loading {joined.model}")
-    loaded = stages.load_model(joined)
-    model_map = stages.map_model(joined, loaded, console)
-    console.stage(2, 4, "Loading prompt sets and measuring the original model")
-    prompts = load_prompts(joined, loaded.tokenizer)
-    batch = stages.batch_size(joined, loaded, prompts, console).size
-    scorers = build_scorers(joined, loaded, prompts, batch)
+    numbers = {"load": 1, "prompts_and_batch_size": 2}  # mapping the layers is part of stage 1
+
+    def step(key: str, title: str) -> None:
+        if key in numbers:
+            console.stage(numbers[key], 4, title)
+
+    ctx = stages.prepare(joined, console, step)
+    scorers = ctx.select_scorers()
     console.stage(3, 4, f"Joining study {settings.study_name!r} in {shown}")
-    space = SearchSpace.build(model_map.n_layers, norm_preserving=joined.norm_preserving)
+    space = SearchSpace.build(ctx.model_map.n_layers, norm_preserving=joined.norm_preserving)
     opened = create_or_load_study(
         settings.storage,
         settings.study_name,
         seed=None,
-        fingerprint=study_fingerprint(joined, loaded, prompts),
+        fingerprint=ctx.fingerprint(),
         resume=True,
         n_startup_trials=joined.n_startup_trials,
         heartbeat_interval=joined.heartbeat_interval,
         grace_period=joined.grace_period,
     )
     console.stage(4, 4, f"Running trials until the study has {budget}")
-    stages.optimise(joined, opened.study, budget, model_map, directions, space, scorers, console)
+    stages.optimise(ctx, stages.StudyRun(opened.study, budget, directions, space), scorers)
     counts = count_trials(opened.study)
     console.info(f"study budget reached: {counts.complete} trials complete")
     return 0

@@ -51,6 +51,7 @@ from blasphemer.evaluation.markers import (
     normalize,
     strip_response_prefix,
 )
+from blasphemer.loading import input_device
 
 
 class StopReason(StrEnum):
@@ -72,12 +73,6 @@ class Verdict:
     text: str
     refused: bool
     stopped_by: StopReason
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """The device of the model's input embeddings, where input ids must be placed."""
-    embeddings: nn.Module = model.get_input_embeddings()  # type: ignore[operator]
-    return next(embeddings.parameters()).device
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
