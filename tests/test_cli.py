@@ -484,7 +484,7 @@ def test_output_dir_without_write_permission(
     _assert_one_line_error(result, "/proc/blasphemer-test/out", "cannot write")
 
 
-@pytest.mark.parametrize("inside", ["", "merged"], ids=["same", "inside"])
+@pytest.mark.parametrize("inside", ["", "merged", ".."], ids=["same", "inside", "holds"])
 def test_output_dir_is_the_source_model(
     blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, inside: str
 ) -> None:

@@ -120,3 +120,49 @@ def test_every_lazily_exported_name_resolves_and_unknown_names_raise(package: st
         assert getattr(module, name) is not None, name
     with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nothing'"):
         module.nothing  # noqa: B018
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Library module -> the library modules it imports anywhere (package __init__ files, which
+    only re-export lazily, are left out on both ends)."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "__init__.py" or (PACKAGE / "app") in path.parents:
+            continue
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        imported = _imported_modules(path.read_text(), name.rpartition(".")[0])
+        graph[name] = {m for m in imported if m in modules and m != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, state, stack = [], dict.fromkeys(graph, 0), []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state[nxt] == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif state[nxt] == 0:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if state[node] == 0:
+            visit(node)
+    return cycles
+
+
+def test_library_modules_import_each_other_without_cycles() -> None:
+    graph = _module_graph()
+    assert "blasphemer.evaluation.refusals" in graph["blasphemer.evaluation.base"]
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]

@@ -51,18 +51,19 @@ def check_output_dir(output_dir: Path, source_dirs: Sequence[Path] = ()) -> Path
     """Resolve ``output_dir`` and refuse places that would overwrite or nest in the source model.
 
     Raises :class:`ExportError` when the target is a source folder, lies inside one, contains
-    one, or is an existing file.
+    one, or is an existing file. The one output-folder rule: preflight adds only the checks that
+    need the disk (writable, free space).
     """
     target = Path(output_dir).expanduser().resolve()
     for source in source_dirs:
         source = source.resolve()
         if target == source or source in target.parents or target in source.parents:
             raise ExportError(
-                f"output folder {target} overlaps the source model folder {source}; choose an "
-                "--output-dir outside it"
+                f"--output-dir {output_dir} overlaps the source model folder {source} (is it, "
+                "lies inside it or holds it); choose a folder outside it"
             )
     if target.exists() and not target.is_dir():
-        raise ExportError(f"output path {target} is a file; choose a folder for --output-dir")
+        raise ExportError(f"--output-dir {output_dir} is a file; choose a folder path")
     return target
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from sqlalchemy.pool import NullPool
 
-from blasphemer import gguf_source
+from blasphemer import export, gguf_source
 from blasphemer.errors import ConfigError, ExportError, ModelLoadError, StorageError
 from blasphemer.optimization.storage import error_line, normalize_url, redact_url
 
@@ -209,15 +209,9 @@ def _writable(folder: Path) -> bool:
 
 
 def check_output_dir(output_dir: Path, source: Path | None, needed_bytes: int) -> None:
-    """Refuse an output folder that is the source (or inside it), unwritable, or on a full disk."""
-    target = output_dir.expanduser().resolve()
-    if source is not None and (target == source or source in target.parents):
-        raise ExportError(
-            f"--output-dir {output_dir} is the source model folder (or inside it); "
-            "choose another folder"
-        )
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"--output-dir {output_dir} is a file; choose a folder path")
+    """Refuse an output folder that overlaps the source (:func:`export.check_output_dir`'s
+    rule), is unwritable, or is on a disk without room for the weights."""
+    target = export.check_output_dir(output_dir, [source] if source is not None else [])
     existing = next((p for p in (target, *target.parents) if p.exists()), None)
     if existing is None or not _writable(existing):
         raise ExportError(

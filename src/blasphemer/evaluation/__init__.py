@@ -14,13 +14,13 @@ if TYPE_CHECKING:
     from blasphemer.evaluation.base import (
         BaseScorer,
         HarmlessRefusals,
-        ModelLike,
         Scorer,
         ScorerContext,
         load_scorer_classes,
         load_scorers,
     )
     from blasphemer.evaluation.generation import (
+        ModelLike,
         StopReason,
         Verdict,
         generate_verdicts,
@@ -68,13 +68,13 @@ __getattr__ = lazy_exports(
         "blasphemer.evaluation.base": [
             "BaseScorer",
             "HarmlessRefusals",
-            "ModelLike",
             "Scorer",
             "ScorerContext",
             "load_scorer_classes",
             "load_scorers",
         ],
         "blasphemer.evaluation.generation": [
+            "ModelLike",
             "StopReason",
             "Verdict",
             "generate_verdicts",

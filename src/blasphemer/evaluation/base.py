@@ -24,21 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from torch import nn
-from transformers import PreTrainedTokenizerBase
-
 from blasphemer.errors import ConfigError
+from blasphemer.evaluation.generation import ModelLike
 from blasphemer.evaluation.markers import DEFAULT_REFUSAL_MARKERS
-
-
-class ModelLike(Protocol):
-    """What evaluation needs of a loaded model: :class:`blasphemer.loading.LoadedModel` fits."""
-
-    @property
-    def model(self) -> nn.Module: ...
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+from blasphemer.evaluation.refusals import RefusalScorer
 
 
 @runtime_checkable
@@ -90,8 +79,6 @@ class HarmlessRefusals(BaseScorer):
 
     def __init__(self, context: ScorerContext) -> None:
         super().__init__(context)
-        from blasphemer.evaluation.refusals import RefusalScorer  # refusals imports this module
-
         self._scorer = RefusalScorer(
             context.loaded,
             context.harmless_texts,

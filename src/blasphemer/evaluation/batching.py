@@ -20,8 +20,7 @@ from typing import Any
 import psutil
 import torch
 
-from blasphemer.evaluation.base import ModelLike
-from blasphemer.evaluation.generation import greedy_tokens, pad_token_id
+from blasphemer.evaluation.generation import ModelLike, greedy_tokens, pad_token_id
 
 logger = logging.getLogger(__name__)
 

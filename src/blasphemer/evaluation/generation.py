@@ -39,7 +39,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -52,6 +52,16 @@ from blasphemer.evaluation.markers import (
     strip_response_prefix,
 )
 from blasphemer.loading import input_device
+
+
+class ModelLike(Protocol):
+    """What evaluation needs of a loaded model: :class:`blasphemer.loading.LoadedModel` fits."""
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
 
 
 class StopReason(StrEnum):

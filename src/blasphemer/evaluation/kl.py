@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from blasphemer.evaluation.base import ModelLike
 from blasphemer.evaluation.generation import (
     ForwardSpec,
+    ModelLike,
     encode_texts,
     eos_token_ids,
     greedy_tokens,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from blasphemer.evaluation.base import ModelLike
 from blasphemer.evaluation.generation import (
+    ModelLike,
     StopReason,
     Verdict,
     decode_answers,
