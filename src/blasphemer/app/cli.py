@@ -282,23 +282,23 @@ def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
         from blasphemer.app import worker
 
         return worker.work(load_settings(values, config_file), console)
-    from blasphemer.app import commands
+    from blasphemer.app import model_commands, study_status
 
     if command == "status":
-        return commands.status(load_settings(values, config_file), console)
+        return study_status.status(load_settings(values, config_file), console)
     if command == "evaluate":
         settings = load_settings({**values, "model": namespace.model}, config_file, preset)
-        base = commands.ModelRef(namespace.base, namespace.base_gguf_file)
-        return commands.evaluate(settings, base, namespace.json, console)
+        base = model_commands.ModelRef(namespace.base, namespace.base_gguf_file)
+        return model_commands.evaluate(settings, base, namespace.json, console)
     if command == "chat":
-        return commands.chat(
+        return model_commands.chat(
             load_settings({**values, "model": namespace.model}, config_file), console
         )
     if command == "inspect":
         settings = load_settings({**values, "model": namespace.model}, config_file)
-        return commands.inspect(settings, namespace.json, console)
+        return model_commands.inspect(settings, namespace.json, console)
     if command == "export-gguf":
-        return commands.export_gguf(
+        return model_commands.export_gguf(
             namespace.model,
             namespace.output,
             gguf_type=namespace.gguf_type,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console as RichConsole
 from rich.markup import escape
@@ -20,7 +20,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.prompt import Confirm, Prompt
 from rich.table import Table
 
+from blasphemer.evaluation.markers import wilson_interval
 from blasphemer.optimization.selection import tier
+
+if TYPE_CHECKING:  # annotations only: the console loads without torch or optuna
+    from blasphemer.optimization.objective import TrialResult
+
+
+def front_cells(result: TrialResult, star: TrialResult | None) -> list[str]:
+    """The columns every console table of a Pareto front opens with: the trial (⭐ for the
+    recommended one), its refusal rate with the 95 % interval, KL and quality tier."""
+    low, high = wilson_interval(result.refusals or 0, result.n_prompts or 1)
+    mark = "⭐ " if star is not None and star.number == result.number else ""
+    return [
+        f"{mark}{result.number}",
+        f"{result.refusal_rate:.1%} [{low:.0%}-{high:.0%}]",
+        f"{result.kl:.3f}",
+        tier(result.refusal_rate, result.kl).value,
+    ]
+
 
 TREND_IMPROVING, TREND_WORSE, TREND_FLAT = "▼", "▲", "■"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from blasphemer import export, gguf_export, gguf_source, loading
 from blasphemer.app import preflight, report
 from blasphemer.app import results as result_files
-from blasphemer.app.console import Console
+from blasphemer.app.console import Console, front_cells
 from blasphemer.app.context import RunContext
 from blasphemer.directions import Directions
 from blasphemer.editing import Ablation
@@ -22,7 +22,6 @@ from blasphemer.optimization import (
     parse_rule,
     recommended,
     recommended_held_out,
-    tier,
 )
 
 
@@ -62,25 +61,12 @@ def held_out(
     star = recommended_held_out(front, held_out_values(scores))
     rows = []
     for result in sorted(front, key=lambda r: (r.refusal_rate, r.kl)):
-        low, high = wilson_interval(result.refusals or 0, result.n_prompts or 1)
         held = scores.get(result.number)
         report_cells = ["-", "-"]
         if held is not None:
-            h_low, h_high = wilson_interval(held.refusals, held.n_prompts)
-            report_cells = [
-                f"{held.refusal_rate:.1%} [{h_low:.0%}-{h_high:.0%}]",
-                f"{held.kl:.3f}",
-            ]
-        rows.append(
-            [
-                ("⭐ " if star is not None and star.number == result.number else "")
-                + str(result.number),
-                f"{result.refusal_rate:.1%} [{low:.0%}-{high:.0%}]",
-                f"{result.kl:.3f}",
-                tier(result.refusal_rate, result.kl).value,
-                *report_cells,
-            ]
-        )
+            low, high = wilson_interval(held.refusals, held.n_prompts)
+            report_cells = [f"{held.refusal_rate:.1%} [{low:.0%}-{high:.0%}]", f"{held.kl:.3f}"]
+        rows.append([*front_cells(result, star), *report_cells])
     console.table(
         f"Pareto front (original model refuses {original.rate:.1%} of held-out harmful prompts)",
         ["trial", "refusals (select)", "KL (select)", "tier", "refusals (report)", "KL (report)"],

@@ -1,4 +1,4 @@
-"""The small subcommands: ``inspect``, ``evaluate``, ``chat`` and ``status``."""
+"""The subcommands that take a model: ``inspect``, ``evaluate``, ``chat`` and ``export-gguf``."""
 
 from __future__ import annotations
 
@@ -8,26 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import optuna
 import torch
 from transformers import TextIteratorStreamer
 
 from blasphemer import architectures, gguf_source, loading
-from blasphemer.app import preflight, stages
+from blasphemer.app import stages
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
-from blasphemer.errors import ConfigError, StorageError
+from blasphemer.errors import ConfigError
 from blasphemer.evaluation import wilson_interval
 from blasphemer.optimization import (
-    completed_results,
-    count_trials,
-    open_storage,
-    pareto_front,
-    recommended,
-    redact_url,
     tier,
 )
-from blasphemer.optimization.metadata import stored_budget
 
 
 @dataclass(frozen=True)
@@ -162,48 +154,6 @@ def chat(settings: Settings, console: Console) -> int:
 def _generate(loaded: loading.LoadedModel, kwargs: dict[str, object], streamer: object) -> None:
     with torch.inference_mode():
         loaded.model.generate(**kwargs, streamer=streamer)  # type: ignore[operator]
-
-
-def status(settings: Settings, console: Console) -> int:
-    """Workers, trial counts and the current Pareto front of a study."""
-    if settings.storage is None or settings.study_name is None:
-        raise ConfigError("status needs --storage URL and --study-name NAME")
-    shown = redact_url(settings.storage)
-    preflight.check_storage(settings.storage)
-    storage = open_storage(settings.storage)
-    try:
-        study = optuna.load_study(study_name=settings.study_name, storage=storage)
-    except KeyError:
-        raise StorageError(
-            f"no study {settings.study_name!r} in {shown}; check --study-name"
-        ) from None
-    counts = count_trials(study)
-    stored = stored_budget(study)
-    budget = "?" if stored is None else stored
-    workers = sorted(
-        {str(t.user_attrs.get("worker", "?")) for t in study.get_trials(deepcopy=False)}
-    )
-    console.info(
-        f"study {settings.study_name!r} in {shown}: {counts.complete}/{budget} complete, "
-        f"{counts.running} running, {counts.waiting} waiting, {counts.failed} failed; "
-        f"workers seen: {', '.join(workers) or 'none'}"
-    )
-    front = pareto_front(completed_results(study))
-    star = recommended(front)
-    rows = []
-    for r in sorted(front, key=lambda r: (r.refusal_rate, r.kl)):
-        low, high = wilson_interval(r.refusals or 0, r.n_prompts or 1)
-        mark = "⭐ " if star is not None and star.number == r.number else ""
-        rows.append(
-            [
-                f"{mark}{r.number}",
-                f"{r.refusal_rate:.1%} [{low:.0%}-{high:.0%}]",
-                f"{r.kl:.3f}",
-                tier(r.refusal_rate, r.kl).value,
-            ]
-        )
-    console.table("current Pareto front", ["trial", "refusals", "KL", "tier"], rows)
-    return 0
 
 
 def export_gguf(
