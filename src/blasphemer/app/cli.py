@@ -21,7 +21,17 @@ from blasphemer.app.config import Settings, load_settings
 from blasphemer.app.console import Console
 from blasphemer.errors import BlasphemerError, ConfigError
 
-SUBCOMMANDS = ("run", "demo", "worker", "status", "evaluate", "chat", "inspect", "export-gguf")
+SUBCOMMANDS = (
+    "run",
+    "demo",
+    "worker",
+    "status",
+    "evaluate",
+    "chat",
+    "inspect",
+    "export-gguf",
+    "judge",
+)
 
 # Settings that are positional or special per subcommand, not generated as --options.
 _POSITIONAL = {"model"}
@@ -195,6 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
         "if it is still there unchanged); unedited tensors are copied from it byte for byte.",
     )
     _add_settings_options(export_gguf, ["debug"])
+
+    judge = command(
+        "judge", "Judge answers you already have (JSONL with prompt and response) for refusals."
+    )
+    judge.add_argument("answers", type=Path, help="JSONL file, one {prompt, response} a line.")
+    judge.add_argument(
+        "--judge",
+        dest="judge_name",
+        default="markers",
+        choices=["markers"],
+        help="How refusals are recognised (default: the refusal markers).",
+    )
+    judge.add_argument(
+        "--json", action="store_true", help="One JSON line per answer, in order, instead."
+    )
+    _add_settings_options(judge, ["refusal_markers", "debug"])
     return parser
 
 
@@ -245,8 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         namespace = parser.parse_args(args_list)
-        # Only a command that runs pays for these imports; --help and argument errors stay fast.
-        _quiet_libraries(debug)
+        # Only a command that loads models pays for these imports; --help, argument errors and
+        # judge (text only) stay fast.
+        if namespace.command != "judge":
+            _quiet_libraries(debug)
         return _dispatch(namespace, console)
     except BlasphemerError as error:
         if debug:
@@ -282,6 +310,13 @@ def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
         from blasphemer.app import worker
 
         return worker.work(load_settings(values, config_file), console)
+    if command == "judge":
+        from blasphemer.app import judge_command
+
+        settings = load_settings(values, config_file)
+        return judge_command.judge(
+            settings, namespace.answers, namespace.judge_name, namespace.json, console
+        )
     from blasphemer.app import model_commands, study_status
 
     if command == "status":
