@@ -1060,3 +1060,28 @@ def test_inspect_json_on_a_tiny_saved_model(
     table = blasphemer("inspect", folder, "--dtypes", "float32")
     assert table.code == 0, table.err
     assert "model.layers.1.mlp.down_proj" in table.out
+
+
+@pytest.mark.real
+def test_run_with_both_judges_reports_both_counts(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, tmp_path: Path
+) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import models as bench_models
+    finally:
+        sys.path.pop(0)
+    encoder = bench_models.fetch("minilm", log=False)
+    out = tmp_path / "judged"
+    args = ["--n-trials", "2", "--yes", "--quiet", "--output-dir", out]
+    result = blasphemer("run", tiny_a, *FAST, *args, "--judge", "both", "--judge-encoder", encoder)
+    assert result.code == 0, result.err
+    assert "refusals (report, semantic)" in result.out
+    data = json.loads((out / "results.json").read_text())
+    held = data["held_out"]
+    assert 0 <= held["semantic_refusals"] <= held["n_prompts"]
+    low, high = held["semantic_refusal_rate_95ci"]
+    assert low <= held["semantic_refusal_rate"] <= high
+    assert held["original_semantic_refusals"] is not None
+    card = (out / "README.md").read_text()
+    assert "refusals (semantic judge)" in card and "refusals (markers)" in card

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
             "debug",
             "split_seed",
             "gguf_file",
+            "judge",
+            "judge_encoder",
         ],
     )
 
@@ -211,16 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     judge.add_argument("answers", type=Path, help="JSONL file, one {prompt, response} a line.")
     judge.add_argument(
-        "--judge",
-        dest="judge_name",
-        default="markers",
-        choices=["markers"],
-        help="How refusals are recognised (default: the refusal markers).",
-    )
-    judge.add_argument(
         "--json", action="store_true", help="One JSON line per answer, in order, instead."
     )
-    _add_settings_options(judge, ["refusal_markers", "debug"])
+    _add_settings_options(judge, ["refusal_markers", "judge", "judge_encoder", "debug"])
     return parser
 
 
@@ -314,9 +309,7 @@ def _dispatch(namespace: argparse.Namespace, console: Console) -> int:
         from blasphemer.app import judge_command
 
         settings = load_settings(values, config_file)
-        return judge_command.judge(
-            settings, namespace.answers, namespace.judge_name, namespace.json, console
-        )
+        return judge_command.judge(settings, namespace.answers, namespace.json, console)
     from blasphemer.app import model_commands, study_status
 
     if command == "status":

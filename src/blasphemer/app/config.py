@@ -149,6 +149,17 @@ class Settings(BaseSettings):
         ge=1,
         description="KL over this many positions of the original greedy answer (1 = first token).",
     )
+    judge: Literal["markers", "semantic", "both"] = Field(
+        "markers",
+        description="How held-out answers (and evaluate's, and judge's) are judged: the refusal "
+        "markers, the semantic judge (a sentence encoder and a trained head; answers are then "
+        "generated in full, never cut at a marker), or both counts side by side.",
+    )
+    judge_encoder: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="The semantic judge's encoder: a hub id or a local folder holding "
+        "all-MiniLM-L6-v2.",
+    )
     held_out_trials: int = Field(
         8,
         ge=1,

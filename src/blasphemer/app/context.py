@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from blasphemer import prompts as prompt_sets
@@ -21,6 +21,10 @@ from blasphemer.errors import DatasetError
 from blasphemer.evaluation import KLScorer, RefusalScorer, ScorerContext, load_scorers
 from blasphemer.evaluation.base import Scorer
 from blasphemer.evaluation.batching import BatchChoice
+from blasphemer.evaluation.judges import make_judge
+from blasphemer.evaluation.judging import Answer, Judge
+from blasphemer.evaluation.markers import strip_response_prefix
+from blasphemer.evaluation.refusals import RefusalResult
 from blasphemer.loading import LoadedModel
 from blasphemer.optimization.fingerprint import build_fingerprint, model_digest
 
@@ -129,6 +133,7 @@ class RunContext:
     model_map: ModelMap
     prompts: Prompts
     batch: BatchChoice
+    _semantic: Judge | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -136,8 +141,9 @@ class RunContext:
 
     def refusal_scorer(self, texts: list[str], decided_after: int | None = None) -> RefusalScorer:
         """Refusals of the context's model on ``texts`` as the settings say;
-        ``decided_after=None`` judges full-length answers. A refusal marker always ends its
-        answer early: the verdict is the same, the work smaller."""
+        ``decided_after=None`` judges full-length answers. A refusal marker ends its answer
+        early (the marker verdict is the same, the work smaller) unless the semantic judge is
+        to read the answers too: it needs them whole."""
         return RefusalScorer(
             self.loaded,
             texts,
@@ -145,8 +151,32 @@ class RunContext:
             max_new_tokens=self.settings.max_new_tokens,
             decided_after=decided_after,
             batch_size=self.batch_size,
-            stop_at_marker=True,
+            stop_at_marker=self.settings.judge == "markers",
         )
+
+    def semantic_judge(self) -> Judge | None:
+        """The semantic judge when ``--judge`` asks for it (built once), else None."""
+        if self.settings.judge == "markers":
+            return None
+        if self._semantic is None:
+            self._semantic = make_judge(
+                "semantic", self.settings.refusal_markers, self.settings.judge_encoder
+            )
+        return self._semantic
+
+    def semantic_refusals(
+        self, scorer: RefusalScorer, result: RefusalResult, prompts: list[str]
+    ) -> int | None:
+        """How many of ``result``'s answers (to the raw ``prompts``) the semantic judge calls
+        refusals; None when it is not asked for."""
+        judge = self.semantic_judge()
+        if judge is None:
+            return None
+        answers = [
+            Answer(prompt, strip_response_prefix(text, scorer.response_prefix), index + 1)
+            for index, (prompt, text) in enumerate(zip(prompts, result.responses, strict=True))
+        ]
+        return sum(v.refusal for v in judge.judge(answers))
 
     def kl_scorer(self, texts: list[str]) -> KLScorer:
         """KL from the run's model as it is now (unedited) on ``texts``, as the settings say."""

@@ -40,9 +40,11 @@ def held_out(
 ) -> dict[int, result_files.HeldOutScores]:
     """Report-split refusals (full length) and KL for the front's trials, plus the original."""
     console, model_map = ctx.console, ctx.model_map
+    requests = ctx.prompts.harmful.report_prompts
     refusals = ctx.refusal_scorer(ctx.prompts.harmful.report)
     kl = ctx.kl_scorer(ctx.prompts.harmless.report)
     original = refusals.evaluate()
+    original_semantic = ctx.semantic_refusals(refusals, original, requests)
     scores: dict[int, result_files.HeldOutScores] = {}
     shown = held_out_order(front)[: ctx.settings.held_out_trials]
     with console.progress("held-out evaluation of front trials", len(shown)) as advance:
@@ -56,23 +58,33 @@ def held_out(
                 n_prompts=len(outcome.refused),
                 kl=divergence,
                 original_refusals=sum(original.refused),
+                semantic_refusals=ctx.semantic_refusals(refusals, outcome, requests),
+                original_semantic_refusals=original_semantic,
             )
             advance(1)
     star = recommended_held_out(front, held_out_values(scores))
+    semantic = original_semantic is not None
     rows = []
     for result in sorted(front, key=lambda r: (r.refusal_rate, r.kl)):
         held = scores.get(result.number)
-        report_cells = ["-", "-"]
+        report_cells = ["-"] * (3 if semantic else 2)
         if held is not None:
-            low, high = wilson_interval(held.refusals, held.n_prompts)
-            report_cells = [f"{held.refusal_rate:.1%} [{low:.0%}-{high:.0%}]", f"{held.kl:.3f}"]
+            counts = [held.refusals, *([held.semantic_refusals or 0] if semantic else [])]
+            report_cells = [_rate_cell(count, held.n_prompts) for count in counts]
+            report_cells.append(f"{held.kl:.3f}")
         rows.append([*front_cells(result, star), *report_cells])
-    console.table(
-        f"Pareto front (original model refuses {original.rate:.1%} of held-out harmful prompts)",
-        ["trial", "refusals (select)", "KL (select)", "tier", "refusals (report)", "KL (report)"],
-        rows,
-    )
+    header = ["trial", "refusals (select)", "KL (select)", "tier", "refusals (report)"]
+    title = f"original model refuses {original.rate:.1%} of held-out harmful prompts"
+    if semantic:
+        header += ["refusals (report, semantic)"]
+        title += f" ({original_semantic}/{len(requests)} by the semantic judge)"
+    console.table(f"Pareto front ({title})", [*header, "KL (report)"], rows)
     return scores
+
+
+def _rate_cell(count: int, n: int) -> str:
+    low, high = wilson_interval(count, n)
+    return f"{count / n:.1%} [{low:.0%}-{high:.0%}]"
 
 
 def gguf_record(loaded: loading.LoadedModel) -> dict[str, str] | None:
@@ -118,7 +130,7 @@ def held_out_values(
     scores: dict[int, result_files.HeldOutScores],
 ) -> dict[int, tuple[float, float]]:
     """Held-out (refusal rate, KL) per trial number, as the selection rules take them."""
-    return {number: (s.refusal_rate, s.kl) for number, s in scores.items()}
+    return {number: (s.headline_rate, s.kl) for number, s in scores.items()}
 
 
 def choose(ctx: RunContext, findings: Findings) -> TrialResult | None:

@@ -75,11 +75,13 @@ def evaluate(settings: Settings, base_ref: ModelRef, as_json: bool, console: Con
     prompts = ctx.prompts
     kl = ctx.kl_scorer(prompts.harmless.report)
 
-    def refusals() -> tuple[int, int]:  # of the context's model
-        result = ctx.refusal_scorer(prompts.harmful.report).evaluate()
-        return sum(result.refused), len(result.refused)
+    def refusals() -> tuple[int, int, int | None]:  # of the context's model: markers, semantic
+        scorer = ctx.refusal_scorer(prompts.harmful.report)
+        result = scorer.evaluate()
+        semantic = ctx.semantic_refusals(scorer, result, prompts.harmful.report_prompts)
+        return sum(result.refused), len(result.refused), semantic
 
-    base_refused, n = refusals()
+    base_refused, n, base_semantic = refusals()
     model_loaded = _load(settings)
     if len(model_loaded.tokenizer) != len(ctx.loaded.tokenizer):
         raise ConfigError(
@@ -87,9 +89,9 @@ def evaluate(settings: Settings, base_ref: ModelRef, as_json: bool, console: Con
         )
     ctx.loaded = kl.loaded = model_loaded  # the base model goes; KL keeps its logits
     divergence = kl.score()
-    refused, _ = refusals()
+    refused, _, semantic = refusals()
     low, high = wilson_interval(refused, n)
-    result = {
+    result: dict[str, object] = {
         "model": settings.model,
         "base": base,
         "n_harmful": n,
@@ -101,19 +103,36 @@ def evaluate(settings: Settings, base_ref: ModelRef, as_json: bool, console: Con
         "n_harmless": len(prompts.harmless.report),
         "kl": divergence,
     }
+    rows = [
+        ["refusals (markers)", f"{refused}/{n} = {refused / n:.1%} [{low:.1%}-{high:.1%}]"],
+        ["base refusals (markers)", f"{base_refused}/{n} = {base_refused / n:.1%}"],
+    ]
+    headline = refused
+    if semantic is not None and base_semantic is not None:
+        s_low, s_high = wilson_interval(semantic, n)
+        result.update(
+            semantic_refusals=semantic,
+            semantic_refusal_rate=semantic / n,
+            semantic_refusal_rate_95ci=[s_low, s_high],
+            base_semantic_refusals=base_semantic,
+            base_semantic_refusal_rate=base_semantic / n,
+        )
+        rows += [
+            [
+                "refusals (semantic)",
+                f"{semantic}/{n} = {semantic / n:.1%} [{s_low:.1%}-{s_high:.1%}]",
+            ],
+            ["base refusals (semantic)", f"{base_semantic}/{n} = {base_semantic / n:.1%}"],
+        ]
+        headline = semantic
     if as_json:
         console.info(json.dumps(result, indent=2))
     else:
-        console.table(
-            f"{settings.model} against {base} (report split)",
-            ["measure", "value"],
-            [
-                ["refusals", f"{refused}/{n} = {refused / n:.1%} [{low:.1%}-{high:.1%}]"],
-                ["base refusals", f"{base_refused}/{n} = {base_refused / n:.1%}"],
-                ["KL (first token)", f"{divergence:.4f}"],
-                ["tier", tier(refused / n, divergence).value],
-            ],
-        )
+        rows += [
+            ["KL (first token)", f"{divergence:.4f}"],
+            ["tier", tier(headline / n, divergence).value],
+        ]
+        console.table(f"{settings.model} against {base} (report split)", ["measure", "value"], rows)
     return 0
 
 

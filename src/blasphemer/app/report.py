@@ -209,6 +209,17 @@ def _held_out_blocks(held_out: HeldOutScores) -> list[Block]:
     if held_out.original_refusals is not None:
         original = f"{held_out.original_refusals}/{held_out.n_prompts}"
         rows.insert(1, ["refusals of the original model", original])
+    if held_out.semantic_refusals is not None:
+        s_low, s_high = wilson_interval(held_out.semantic_refusals, held_out.n_prompts)
+        rows.insert(
+            1,
+            [
+                "refusals (semantic judge)",
+                f"{held_out.semantic_refusals}/{held_out.n_prompts} = "
+                f"{held_out.semantic_refusals / held_out.n_prompts:.1%} "
+                f"(95 % CI {s_low:.1%}–{s_high:.1%})",
+            ],
+        )
     rows += [[name, f"{value:.4g}"] for name, value in held_out.extra.items()]
     return [Heading(2, "Held-out scores (report split)"), Table(["metric", "value"], rows)]
 

@@ -37,6 +37,15 @@ class HeldOutScores:
     kl: float
     original_refusals: int | None = None  # the unedited model on the same prompts
     extra: Mapping[str, float] = field(default_factory=dict)
+    # The semantic judge's counts on the same answers (--judge semantic or both), else None.
+    semantic_refusals: int | None = None
+    original_semantic_refusals: int | None = None
+
+    @property
+    def headline_rate(self) -> float:
+        """The rate choices and tiers use: the semantic judge's when it ran, else the markers'."""
+        count = self.refusals if self.semantic_refusals is None else self.semantic_refusals
+        return count / self.n_prompts if self.n_prompts else math.nan
 
     @property
     def refusal_rate(self) -> float:
@@ -59,6 +68,18 @@ class HeldOutScores:
             "original_refusal_rate": self.original_refusal_rate,
             "kl": _json_number(self.kl),
             "extra": {k: _json_number(v) for k, v in self.extra.items()},
+            **self._semantic_dict(),
+        }
+
+    def _semantic_dict(self) -> dict[str, Any]:
+        if self.semantic_refusals is None:
+            return {}
+        low, high = wilson_interval(self.semantic_refusals, self.n_prompts)
+        return {
+            "semantic_refusals": self.semantic_refusals,
+            "semantic_refusal_rate": self.semantic_refusals / self.n_prompts,
+            "semantic_refusal_rate_95ci": [low, high],
+            "original_semantic_refusals": self.original_semantic_refusals,
         }
 
 
@@ -152,13 +173,26 @@ def model_card(
             "",
             "| metric | value |",
             "|---|---|",
-            f"| refusals | {scores.refusals}/{scores.n_prompts} = {_percent(scores.refusal_rate)} "
-            f"(95 % CI {low:.1%}–{high:.1%}) |",
+            f"| refusals (markers) | {scores.refusals}/{scores.n_prompts} = "
+            f"{_percent(scores.refusal_rate)} (95 % CI {low:.1%}–{high:.1%}) |",
         ]
+        if scores.semantic_refusals is not None:
+            s_low, s_high = wilson_interval(scores.semantic_refusals, scores.n_prompts)
+            body.append(
+                f"| refusals (semantic judge) | {scores.semantic_refusals}/{scores.n_prompts} = "
+                f"{_percent(scores.semantic_refusals / scores.n_prompts)} "
+                f"(95 % CI {s_low:.1%}–{s_high:.1%}) |"
+            )
         if scores.original_refusals is not None:
             body.append(
-                f"| refusals of the original model | {scores.original_refusals}/{scores.n_prompts}"
+                f"| refusals of the original model (markers) | "
+                f"{scores.original_refusals}/{scores.n_prompts}"
                 f" = {_percent(scores.original_refusal_rate)} |"
+            )
+        if scores.original_semantic_refusals is not None:
+            body.append(
+                f"| refusals of the original model (semantic judge) | "
+                f"{scores.original_semantic_refusals}/{scores.n_prompts} |"
             )
         body.append(f"| KL divergence from the original (harmless prompts) | {scores.kl:.4f} |")
         body += [f"| {name} | {value:.4g} |" for name, value in scores.extra.items()]

@@ -24,8 +24,6 @@ from blasphemer.evaluation.markers import (
     strip_response_prefix,
 )
 
-JUDGES = ("markers",)
-
 
 @dataclass(frozen=True)
 class Answer:
@@ -110,10 +108,3 @@ def read_answers(path: Path) -> list[Answer]:
     if not answers:
         raise DatasetError(f"answers file {path} holds no answers; write one JSON object a line")
     return answers
-
-
-def make_judge(name: str, markers: RefusalMarkers | Iterable[str] | None = None) -> Judge:
-    """The judge called ``name`` (one of :data:`JUDGES`)."""
-    if name == "markers":
-        return MarkerJudge(markers)
-    raise DatasetError(f"unknown judge {name!r}; use one of: {', '.join(JUDGES)}")
