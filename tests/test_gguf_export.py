@@ -213,6 +213,28 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     assert _files(out) == set()
 
 
+def test_rope_scaling_gguf_cannot_express_is_refused(tmp_path: Path) -> None:
+    # Phi-3's long-context variants scale rope per frequency ("longrope"), which llama.cpp keeps
+    # in extra tensors this writer does not produce: refused in one line, nothing written.
+    model_dir = _tiny("phi3", tmp_path / "source")
+    config = json.loads((model_dir / "config.json").read_text())
+    half = 16 // 2  # head_dim 16: hidden 64 over 4 heads
+    config["rope_scaling"] = {
+        "rope_type": "longrope",
+        "long_factor": [1.0] * half,
+        "short_factor": [1.0] * half,
+        "original_max_position_embeddings": 128,
+    }
+    config.pop("rope_parameters", None)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    out.mkdir()
+    _assert_one_line_failure(
+        out, lambda: export_gguf(model_dir, out / "m.gguf"), "rope scaling", "longrope"
+    )
+    assert _files(out) == set()
+
+
 def test_source_of_another_architecture_is_refused(
     tmp_path: Path, demo_exports: dict[str, GgufExportResult]
 ) -> None:
