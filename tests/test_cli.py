@@ -1085,3 +1085,25 @@ def test_run_with_both_judges_reports_both_counts(
     assert held["original_semantic_refusals"] is not None
     card = (out / "README.md").read_text()
     assert "refusals (semantic judge)" in card and "refusals (markers)" in card
+
+
+@pytest.mark.real
+def test_evaluate_with_both_judges_reports_both_counts(
+    blasphemer: Callable[..., SimpleNamespace], tiny_a: Path
+) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import models as bench_models
+    finally:
+        sys.path.pop(0)
+    encoder = bench_models.fetch("minilm", log=False)
+    small = ["--n-report-prompts", "4", "--max-new-tokens", "4", "--batch-size", "4"]
+    args = ["--base", tiny_a, *small, "--judge", "both", "--judge-encoder", encoder, "--json"]
+    result = blasphemer("evaluate", tiny_a, *args)
+    assert result.code == 0, result.err
+    data = json.loads(result.out)  # stdout is the JSON alone
+    assert data["kl"] == pytest.approx(0.0, abs=1e-6)  # the model against itself
+    assert data["semantic_refusals"] == data["base_semantic_refusals"]
+    assert 0 <= data["semantic_refusals"] <= data["n_harmful"]
+    low, high = data["semantic_refusal_rate_95ci"]
+    assert low <= data["semantic_refusal_rate"] <= high
