@@ -1107,3 +1107,16 @@ def test_evaluate_with_both_judges_reports_both_counts(
     assert 0 <= data["semantic_refusals"] <= data["n_harmful"]
     low, high = data["semantic_refusal_rate_95ci"]
     assert low <= data["semantic_refusal_rate"] <= high
+
+
+@pytest.mark.parametrize("judge", ["markers", "semantic", "both"])
+def test_only_answers_the_semantic_judge_reads_are_generated_whole(
+    tiny_a: Path, judge: str
+) -> None:
+    from blasphemer.app import stages
+
+    settings = Settings(model=str(tiny_a), batch_size=4, dtypes=["float32"], judge=judge)
+    ctx = stages.prepare(settings, Console(quiet=True))
+    assert ctx.select_scorers().refusals.stop_at_marker  # the optimiser scores by markers alone
+    held_out = ctx.refusal_scorer(ctx.prompts.harmful.report, for_judge=True)
+    assert held_out.stop_at_marker == (judge == "markers")

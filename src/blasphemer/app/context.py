@@ -139,11 +139,14 @@ class RunContext:
     def batch_size(self) -> int:
         return self.batch.size
 
-    def refusal_scorer(self, texts: list[str], decided_after: int | None = None) -> RefusalScorer:
+    def refusal_scorer(
+        self, texts: list[str], decided_after: int | None = None, *, for_judge: bool = False
+    ) -> RefusalScorer:
         """Refusals of the context's model on ``texts`` as the settings say;
         ``decided_after=None`` judges full-length answers. A refusal marker ends its answer
-        early (the marker verdict is the same, the work smaller) unless the semantic judge is
-        to read the answers too: it needs them whole."""
+        early (the marker verdict is the same, the work smaller), except in answers
+        ``for_judge`` when ``--judge`` asks the semantic judge to read them: it needs them
+        whole. The optimiser's scorers never are: it scores by markers alone."""
         return RefusalScorer(
             self.loaded,
             texts,
@@ -151,7 +154,7 @@ class RunContext:
             max_new_tokens=self.settings.max_new_tokens,
             decided_after=decided_after,
             batch_size=self.batch_size,
-            stop_at_marker=self.settings.judge == "markers",
+            stop_at_marker=not (for_judge and self.settings.judge != "markers"),
         )
 
     def semantic_judge(self) -> Judge | None:

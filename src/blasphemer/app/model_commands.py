@@ -76,7 +76,7 @@ def evaluate(settings: Settings, base_ref: ModelRef, as_json: bool, console: Con
     kl = ctx.kl_scorer(prompts.harmless.report)
 
     def refusals() -> tuple[int, int, int | None]:  # of the context's model: markers, semantic
-        scorer = ctx.refusal_scorer(prompts.harmful.report)
+        scorer = ctx.refusal_scorer(prompts.harmful.report, for_judge=True)
         result = scorer.evaluate()
         semantic = ctx.semantic_refusals(scorer, result, prompts.harmful.report_prompts)
         return sum(result.refused), len(result.refused), semantic
