@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from blasphemer.errors import DatasetError
 from blasphemer.evaluation.judging import Judge, MarkerJudge
-from blasphemer.evaluation.markers import RefusalMarkers, as_markers
+from blasphemer.evaluation.markers import RefusalMarkers
 
 JUDGES = ("markers", "semantic")
 
@@ -17,14 +17,15 @@ def make_judge(
     markers: RefusalMarkers | Iterable[str] | None = None,
     encoder: str | None = None,
 ) -> Judge:
-    """The judge called ``name`` (one of :data:`JUDGES`); ``encoder`` is the semantic judge's
-    sentence encoder (a folder or hub id; default all-MiniLM-L6-v2 from the hub)."""
+    """The judge called ``name`` (one of :data:`JUDGES`). ``markers`` are the marker judge's;
+    ``encoder`` is the semantic judge's sentence encoder (a folder or hub id; default
+    all-MiniLM-L6-v2 from the hub)."""
     if name == "markers":
         return MarkerJudge(markers)
     if name == "semantic":
         from blasphemer.evaluation.semantic import DEFAULT_ENCODER, SemanticJudge
 
-        return SemanticJudge(encoder or DEFAULT_ENCODER, markers=as_markers(markers))
+        return SemanticJudge(encoder or DEFAULT_ENCODER)
     raise DatasetError(f"unknown judge {name!r}; use one of: {', '.join(JUDGES)}")
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from blasphemer.errors import ConfigError
 from blasphemer.evaluation.judging import Answer, Judgement
-from blasphemer.evaluation.markers import RefusalMarkers, has_content, normalize
+from blasphemer.evaluation.markers import has_content, normalize
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 FORMAT_VERSION = 2
@@ -137,7 +137,6 @@ class SemanticJudge:
         self,
         encoder: str | Path = DEFAULT_ENCODER,
         head: Path | None = None,
-        markers: RefusalMarkers | None = None,
         batch_size: int = 32,
     ) -> None:
         self.head_path = head or default_head()
@@ -146,7 +145,6 @@ class SemanticJudge:
         self.model.load_trained_state(state, self.head_path)
         self.model.eval()
         self.batch_size = batch_size
-        self.markers = markers
 
     @torch.inference_mode()
     def probabilities(self, answers: Sequence[Answer]) -> list[float]:
