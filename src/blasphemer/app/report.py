@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from blasphemer.ablation import AblationParameters
-from blasphemer.app.results import HeldOutScores
+from blasphemer.app.results import HeldOutScores, count_with_interval
 from blasphemer.evaluation.markers import wilson_interval
 from blasphemer.optimization.objective import TrialResult
 from blasphemer.optimization.selection import recommended, tier
@@ -197,29 +197,16 @@ def _parameter_blocks(parameters: AblationParameters) -> list[Block]:
 
 
 def _held_out_blocks(held_out: HeldOutScores) -> list[Block]:
-    low, high = wilson_interval(held_out.refusals, held_out.n_prompts)
+    n = held_out.n_prompts
     rows = [
-        [
-            "refusals",
-            f"{held_out.refusals}/{held_out.n_prompts} = {held_out.refusal_rate:.1%} "
-            f"(95 % CI {low:.1%}–{high:.1%})",
-        ],
+        ["refusals", count_with_interval(held_out.refusals, n)],
         ["KL divergence", f"{held_out.kl:.4f}"],
     ]
     if held_out.original_refusals is not None:
-        original = f"{held_out.original_refusals}/{held_out.n_prompts}"
-        rows.insert(1, ["refusals of the original model", original])
+        rows.insert(1, ["refusals of the original model", f"{held_out.original_refusals}/{n}"])
     if held_out.semantic_refusals is not None:
-        s_low, s_high = wilson_interval(held_out.semantic_refusals, held_out.n_prompts)
-        rows.insert(
-            1,
-            [
-                "refusals (semantic judge)",
-                f"{held_out.semantic_refusals}/{held_out.n_prompts} = "
-                f"{held_out.semantic_refusals / held_out.n_prompts:.1%} "
-                f"(95 % CI {s_low:.1%}–{s_high:.1%})",
-            ],
-        )
+        semantic = count_with_interval(held_out.semantic_refusals, n)
+        rows.insert(1, ["refusals (semantic judge)", semantic])
     rows += [[name, f"{value:.4g}"] for name, value in held_out.extra.items()]
     return [Heading(2, "Held-out scores (report split)"), Table(["metric", "value"], rows)]
 

@@ -94,6 +94,13 @@ def _percent(rate: float | None) -> str:
     return "n/a" if rate is None or math.isnan(rate) else f"{rate:.1%}"
 
 
+def count_with_interval(count: int, n: int) -> str:
+    """``count/n = rate (95 % CI low–high)``: how the card and the report write a refusal count."""
+    low, high = wilson_interval(count, n)
+    rate = count / n if n else math.nan
+    return f"{count}/{n} = {_percent(rate)} (95 % CI {low:.1%}–{high:.1%})"
+
+
 def parameters_table(parameters: AblationParameters) -> list[str]:
     """Markdown lines describing an edit (direction and one kernel row per component kind)."""
     index = parameters.direction_index
@@ -165,7 +172,7 @@ def model_card(
         "",
     ]
     if scores is not None:
-        low, high = wilson_interval(scores.refusals, scores.n_prompts)
+        n = scores.n_prompts
         body += [
             "## Held-out scores",
             "",
@@ -173,16 +180,11 @@ def model_card(
             "",
             "| metric | value |",
             "|---|---|",
-            f"| refusals (markers) | {scores.refusals}/{scores.n_prompts} = "
-            f"{_percent(scores.refusal_rate)} (95 % CI {low:.1%}–{high:.1%}) |",
+            f"| refusals (markers) | {count_with_interval(scores.refusals, n)} |",
         ]
         if scores.semantic_refusals is not None:
-            s_low, s_high = wilson_interval(scores.semantic_refusals, scores.n_prompts)
-            body.append(
-                f"| refusals (semantic judge) | {scores.semantic_refusals}/{scores.n_prompts} = "
-                f"{_percent(scores.semantic_refusals / scores.n_prompts)} "
-                f"(95 % CI {s_low:.1%}–{s_high:.1%}) |"
-            )
+            semantic = count_with_interval(scores.semantic_refusals, n)
+            body.append(f"| refusals (semantic judge) | {semantic} |")
         if scores.original_refusals is not None:
             body.append(
                 f"| refusals of the original model (markers) | "
