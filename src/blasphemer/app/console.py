@@ -27,14 +27,19 @@ if TYPE_CHECKING:  # annotations only: the console loads without torch or optuna
     from blasphemer.optimization.objective import TrialResult
 
 
+def rate_cell(rate: float, count: int, n: int) -> str:
+    """A refusal rate with the 95 % Wilson interval of ``count`` in ``n``, as tables show it."""
+    low, high = wilson_interval(count, n)
+    return f"{rate:.1%} [{low:.0%}-{high:.0%}]"
+
+
 def front_cells(result: TrialResult, star: TrialResult | None) -> list[str]:
     """The columns every console table of a Pareto front opens with: the trial (⭐ for the
     recommended one), its refusal rate with the 95 % interval, KL and quality tier."""
-    low, high = wilson_interval(result.refusals or 0, result.n_prompts or 1)
     mark = "⭐ " if star is not None and star.number == result.number else ""
     return [
         f"{mark}{result.number}",
-        f"{result.refusal_rate:.1%} [{low:.0%}-{high:.0%}]",
+        rate_cell(result.refusal_rate, result.refusals or 0, result.n_prompts or 1),
         f"{result.kl:.3f}",
         tier(result.refusal_rate, result.kl).value,
     ]

@@ -12,11 +12,10 @@ from pathlib import Path
 from blasphemer import export, gguf_export, gguf_source, loading
 from blasphemer.app import preflight, report
 from blasphemer.app import results as result_files
-from blasphemer.app.console import Console, front_cells
+from blasphemer.app.console import Console, front_cells, rate_cell
 from blasphemer.app.context import RunContext
 from blasphemer.directions import Directions
 from blasphemer.editing import Ablation
-from blasphemer.evaluation import wilson_interval
 from blasphemer.optimization import (
     TrialResult,
     parse_rule,
@@ -70,7 +69,8 @@ def held_out(
         report_cells = ["-"] * (3 if semantic else 2)
         if held is not None:
             counts = [held.refusals, *([held.semantic_refusals or 0] if semantic else [])]
-            report_cells = [_rate_cell(count, held.n_prompts) for count in counts]
+            n = held.n_prompts
+            report_cells = [rate_cell(count / n, count, n) for count in counts]
             report_cells.append(f"{held.kl:.3f}")
         rows.append([*front_cells(result, star), *report_cells])
     header = ["trial", "refusals (select)", "KL (select)", "tier", "refusals (report)"]
@@ -80,11 +80,6 @@ def held_out(
         title += f" ({original_semantic}/{len(requests)} by the semantic judge)"
     console.table(f"Pareto front ({title})", [*header, "KL (report)"], rows)
     return scores
-
-
-def _rate_cell(count: int, n: int) -> str:
-    low, high = wilson_interval(count, n)
-    return f"{count / n:.1%} [{low:.0%}-{high:.0%}]"
 
 
 def gguf_record(loaded: loading.LoadedModel) -> dict[str, str] | None:
