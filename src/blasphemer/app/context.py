@@ -27,6 +27,7 @@ from blasphemer.evaluation.markers import strip_response_prefix
 from blasphemer.evaluation.refusals import RefusalResult
 from blasphemer.loading import LoadedModel
 from blasphemer.optimization.fingerprint import build_fingerprint, model_digest
+from blasphemer.optimization.search_space import SearchSpace
 
 # Settings a worker may choose for itself: they change speed or display, never scores.
 WORKER_LOCAL = ("storage", "study_name", "batch_size", "device_map", "quiet", "debug", "run_dir")
@@ -205,6 +206,12 @@ class RunContext:
             self.refusal_scorer(prompts.harmful.select, decided_after),
             self.kl_scorer(prompts.harmless.select),
             load_scorers([str(p) for p in settings.scorers], context),
+        )
+
+    def search_space(self) -> SearchSpace:
+        """The parameters trials draw, for this model's layers and the settings."""
+        return SearchSpace.build(
+            self.model_map.n_layers, norm_preserving=self.settings.norm_preserving
         )
 
     def fingerprint(self) -> dict[str, Any]:

@@ -234,7 +234,7 @@ def open_study(ctx: RunContext, directions: Directions) -> StudyRun:
     """Create or resume the run's study, store what workers need, queue the reference trial."""
     settings, console = ctx.settings, ctx.console
     assert settings.model is not None
-    space = SearchSpace.build(ctx.model_map.n_layers, norm_preserving=settings.norm_preserving)
+    space = ctx.search_space()
     url = settings.storage or default_storage_url(run_dir(settings, settings.model))
     name = settings.study_name or default_study_name(settings.model)
     fingerprint = ctx.fingerprint()

@@ -11,7 +11,6 @@ from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
 from blasphemer.errors import ConfigError, StorageError
 from blasphemer.optimization import (
-    SearchSpace,
     count_trials,
     create_or_load_study,
     open_storage,
@@ -44,7 +43,7 @@ def work(settings: Settings, console: Console) -> int:
     ctx = stages.prepare(joined, console, step)
     scorers = ctx.select_scorers()
     console.stage(3, 4, f"Joining study {settings.study_name!r} in {shown}")
-    space = SearchSpace.build(ctx.model_map.n_layers, norm_preserving=joined.norm_preserving)
+    space = ctx.search_space()
     opened = create_or_load_study(
         settings.storage,
         settings.study_name,
