@@ -35,7 +35,9 @@ def _instructions(name: str, count: int) -> list[str]:
     return [row["instruction"] for row in rows[:count]]
 
 
-def _answers(loaded: LoadedModel, texts: list[str], tokens: int, batch: int) -> RefusalScorer:
+def whole_answers(loaded: LoadedModel, texts: list[str], tokens: int, batch: int) -> RefusalScorer:
+    """A scorer whose answers are greedy and whole: ``tokens`` long at most, never cut at a marker
+    (what a reader judges)."""
     return RefusalScorer(loaded, texts, max_new_tokens=tokens, decided_after=None, batch_size=batch)
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             kl.loaded = loaded
             summary["kl_first_token"] = kl.score()
         for kind, kind_texts in texts.items():
-            result = _answers(loaded, kind_texts, args.tokens, args.batch_size).evaluate()
+            result = whole_answers(loaded, kind_texts, args.tokens, args.batch_size).evaluate()
             for index, (answer, refused) in enumerate(
                 zip(result.responses, result.refused, strict=True)
             ):

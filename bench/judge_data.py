@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import models as bench_models
+from answers import whole_answers
 from blasphemer import prompts
-from blasphemer.evaluation import RefusalScorer
 from blasphemer.evaluation.generation import StopReason
 from blasphemer.loading import load_model
 
@@ -59,13 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.sets.split(","):
         requests = bundled_prompts(kind)[args.offset : args.offset + args.count]
         texts = prompts.render(loaded.tokenizer, requests)
-        result = RefusalScorer(
-            loaded,
-            texts,
-            max_new_tokens=args.tokens,
-            decided_after=None,
-            batch_size=args.batch_size,
-        ).evaluate()
+        result = whole_answers(loaded, texts, args.tokens, args.batch_size).evaluate()
         for index, (request, verdict) in enumerate(zip(requests, result.verdicts, strict=True)):
             records.append(
                 {
