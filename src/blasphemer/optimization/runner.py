@@ -9,7 +9,9 @@ to an SQLite database) and the trial is created (``study.ask``) while the gate i
 Trials of workers killed with SIGKILL stop sending heartbeats; once the grace period has passed,
 the next worker at the gate fails them with ``fail_stale_trials`` and the storage's
 ``RetryHeartbeatStaleTrialCallback`` queues a WAITING copy with the same parameters, which the
-next ``ask`` picks up. Finished trials are durable the moment ``tell`` returns.
+next ``ask`` picks up. Finished trials are durable the moment ``tell`` returns. A worker killed
+between ``ask`` and its first heartbeat leaves a RUNNING trial that Optuna never counts as stale
+(it has no heartbeat at all); the next worker at the gate gives it one, so it goes stale too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.storages._rdb import models as rdb_models  # heartbeat rows have no public reader
 from optuna.trial import TrialState
 
 from blasphemer.errors import BlasphemerError, StorageError
@@ -123,10 +126,26 @@ class _Heartbeat:
         self._thread.join()
 
 
+def _orphans(storage: optuna.storages.RDBStorage, study_id: int) -> list[int]:
+    """Ids of the study's RUNNING trials that have no heartbeat row at all."""
+    with storage.engine.connect() as connection:
+        beating = sqlalchemy.select(rdb_models.TrialHeartbeatModel.trial_id)
+        query = sqlalchemy.select(rdb_models.TrialModel.trial_id).where(
+            rdb_models.TrialModel.study_id == study_id,
+            rdb_models.TrialModel.state == TrialState.RUNNING,
+            rdb_models.TrialModel.trial_id.not_in(beating),
+        )
+        return [row[0] for row in connection.execute(query)]
+
+
 def _claim(study: optuna.Study, budget: int, gate: BudgetGate) -> tuple[optuna.Trial | None, bool]:
     """Start a trial if the budget allows. Returns (trial, more may come later)."""
     storage = rdb_storage(study)
     with gate.hold():
+        # Every live worker records its trial's first heartbeat before it lets go of the gate,
+        # so a heartbeat-less RUNNING trial seen here belongs to a dead one: start its clock.
+        for trial_id in _orphans(storage, study._study_id):
+            storage.record_heartbeat(trial_id)
         with _quiet_experimental():
             optuna.storages.fail_stale_trials(study)
         counts = count_trials(study)
