@@ -24,6 +24,8 @@ from torch.utils.hooks import RemovableHandle
 
 from blasphemer.architectures.base import ModelMap
 from blasphemer.errors import DatasetError
+from blasphemer.evaluation.generation import ForwardSpec, shared_prefix
+from blasphemer.evaluation.prefix import with_prefix_columns
 from blasphemer.loading import LoadedModel
 
 
@@ -100,6 +102,7 @@ def mean_residuals(
     batch_size: int,
     add_special_tokens: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    share_prefix: bool = True,
 ) -> Residuals:
     """Mean last-token residual of ``texts`` at every measurement point of ``model_map``.
 
@@ -107,7 +110,8 @@ def mean_residuals(
     default. Prompts are grouped by token length to keep padding small; the means do not depend
     on ``batch_size`` beyond floating-point noise because padding is masked and position ids
     follow the attention mask, as in generation. ``on_batch(n)`` is called after each batch with
-    the number of prompts it held.
+    the number of prompts it held. ``share_prefix`` runs the prompts' shared template prefix
+    once (:mod:`blasphemer.evaluation.prefix`); the last token is never part of it.
     """
     if not texts:
         raise DatasetError("no prompts to measure residuals on; check the prompt set is not empty")
@@ -125,20 +129,26 @@ def mean_residuals(
     takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
     device = loaded.input_device
     sums = torch.zeros(model_map.n_layers + 1, model_map.hidden_size, dtype=torch.float64)
+    spec = ForwardSpec.of(backbone)
 
+    with torch.inference_mode():  # the shared template prefix, run once (not measured)
+        suffixes, prefix = shared_prefix(backbone, spec, token_ids, share_prefix, 0)
     with record_last_token(model_map) as captured, torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            rows = [token_ids[i] for i in order[start : start + batch_size]]
+            rows = [suffixes[i] for i in order[start : start + batch_size]]
             batch = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
             input_ids = batch["input_ids"].to(device)
-            attention_mask = batch["attention_mask"].to(device)
-            inputs: dict[str, torch.Tensor] = {
+            attention_mask = with_prefix_columns(batch["attention_mask"], prefix).to(device)
+            inputs: dict[str, Any] = {
                 "input_ids": input_ids,
                 "attention_mask": attention_mask,
+                "use_cache": prefix is not None,
             }
             if takes_position_ids:
-                inputs["position_ids"] = _position_ids(attention_mask)
-            backbone(**inputs, use_cache=False)
+                inputs["position_ids"] = _position_ids(attention_mask)[:, -input_ids.shape[1] :]
+            if prefix is not None:
+                inputs[spec.cache_argument] = prefix.for_batch(len(rows))
+            backbone(**inputs)
             for slot, hidden in enumerate(captured):
                 sums[slot] += hidden.to(device="cpu", dtype=torch.float64).sum(dim=0)
             if on_batch is not None:

@@ -51,6 +51,7 @@ from blasphemer.evaluation.markers import (
     normalize,
     strip_response_prefix,
 )
+from blasphemer.evaluation.prefix import PrefixState, split_prefix, with_prefix_columns
 from blasphemer.loading import input_device
 
 
@@ -179,7 +180,9 @@ class _Batch:
     """Left-padded prompts decoded greedily together, sharing one KV cache.
 
     Positions follow ``generate``: ``cumsum(mask) - 1`` over the prompt (0 on padding), then one
-    more per new token; the attention mask is dropped altogether when nothing is padded.
+    more per new token; the attention mask is dropped altogether when nothing is padded. With a
+    shared ``prefix`` (see :mod:`blasphemer.evaluation.prefix`) ``prompts`` are what follows it:
+    the cache starts with the prefix, the mask has its columns first, positions start after it.
     """
 
     def __init__(
@@ -189,17 +192,24 @@ class _Batch:
         prompts: Sequence[Sequence[int]],
         pad_id: int,
         max_new_tokens: int,
+        prefix: PrefixState | None = None,
     ) -> None:
         self.model = model
         self.spec = spec
         self.device = input_device(model)
         # The mask has room for every new token: a step uses a view of its first `length` columns.
         ids, mask, positions = left_pad(prompts, pad_id, extra_columns=max_new_tokens)
+        padded = bool((mask[:, :1] == 0).any())
         self.prompt_ids = ids.to(self.device)
         self.positions = positions.to(self.device)
-        self.mask = mask.to(self.device) if bool((mask[:, :1] == 0).any()) else None
         self.length = ids.shape[1]
         self.cache: Any = None
+        if prefix is not None:
+            self.positions = self.positions + prefix.length
+            self.length += prefix.length
+            self.cache = prefix.for_batch(len(prompts))
+            mask = with_prefix_columns(mask, prefix)
+        self.mask = mask.to(self.device) if padded else None
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         kwargs: dict[str, Any] = {
@@ -242,6 +252,27 @@ class _Batch:
         self.cache.reorder_cache(rows)
 
 
+def shared_prefix(
+    model: nn.Module,
+    spec: ForwardSpec,
+    prompts: Sequence[Sequence[int]],
+    enabled: bool,
+    new_tokens: int,
+) -> tuple[list[list[int]], PrefixState | None]:
+    """What follows the prompts' shared prefix in each, and that prefix run under the model's
+    current weights (None when there is none worth running once, when the model's cache cannot
+    be shared exactly, or not ``enabled``: then the suffixes are the whole prompts)."""
+    shared = split_prefix(prompts, enabled=enabled)
+    if not shared.prefix:
+        return shared.suffixes, None
+    span = max(len(prompt) for prompt in prompts) * 2 + new_tokens  # padding at most doubles it
+    device = input_device(model)
+    state = PrefixState.compute(model, shared.prefix, spec.cache_argument, device, span)
+    if state is None:
+        return [list(prompt) for prompt in prompts], None
+    return shared.suffixes, state
+
+
 def greedy_tokens(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -249,15 +280,20 @@ def greedy_tokens(
     *,
     batch_size: int,
     pad_id: int = 0,
+    share_prefix: bool = True,
 ) -> list[list[int]]:
-    """The first ``n_tokens`` greedy tokens after each prompt, through end-of-sequence tokens."""
+    """The first ``n_tokens`` greedy tokens after each prompt, through end-of-sequence tokens.
+
+    ``share_prefix`` runs the prompts' shared leading tokens once (see :func:`shared_prefix`).
+    """
     spec = ForwardSpec.of(model)
     results: list[list[int]] = [[] for _ in prompts]
     if n_tokens < 1:
         return results
     with torch.inference_mode():
-        for indices in length_sorted_batches([len(p) for p in prompts], batch_size):
-            batch = _Batch(model, spec, [prompts[i] for i in indices], pad_id, n_tokens)
+        suffixes, prefix = shared_prefix(model, spec, prompts, share_prefix, n_tokens)
+        for indices in length_sorted_batches([len(p) for p in suffixes], batch_size):
+            batch = _Batch(model, spec, [suffixes[i] for i in indices], pad_id, n_tokens, prefix)
             columns = [batch.prefill()]
             for _ in range(n_tokens - 1):
                 columns.append(batch.step(columns[-1]))
@@ -287,6 +323,7 @@ def generate_verdicts(
     stop_at_marker: bool = False,
     on_batch: Callable[[int], None] | None = None,
     should_stop: Callable[[int, int], bool] | None = None,
+    share_prefix: bool = True,
 ) -> list[Verdict]:
     """Greedy answers to token-id ``prompts``, each judged and stopped as early as allowed.
 
@@ -297,6 +334,7 @@ def generate_verdicts(
     ``should_stop(refused, judged)`` is asked after each batch with the refusals and judged
     prompts so far; when it answers True the remaining prompts are not generated and get
     :attr:`StopReason.SKIPPED` verdicts (``refused=False``), so the refusal count is a lower bound.
+    ``share_prefix`` runs the prompts' shared leading tokens once (see :func:`shared_prefix`).
     Returns one :class:`Verdict` per prompt, in order.
     """
     if max_new_tokens < 1:
@@ -324,8 +362,10 @@ def generate_verdicts(
                     row.stopped_by = StopReason.DECIDED
 
     with torch.inference_mode():
-        for indices in length_sorted_batches([len(p) for p in prompts], batch_size):
-            batch = _Batch(model, spec, [prompts[i] for i in indices], pad_id, max_new_tokens)
+        suffixes, prefix = shared_prefix(model, spec, prompts, share_prefix, max_new_tokens)
+        for indices in length_sorted_batches([len(p) for p in suffixes], batch_size):
+            batch_prompts = [suffixes[i] for i in indices]
+            batch = _Batch(model, spec, batch_prompts, pad_id, max_new_tokens, prefix)
             active = [rows[i] for i in indices]
             next_tokens = batch.prefill()
             for step in range(max_new_tokens):

@@ -9,7 +9,8 @@ at the first response position of every prompt, averaged over prompts (the numbe
 reports). With ``positions=k > 1`` the original model's own greedy answer is generated once and
 the first ``k`` positions of it are scored teacher-forced (the edited model reads the original's
 tokens), averaged over positions and then over prompts; positions after the original answer's
-end-of-sequence token are left out. Only the logits of the scored positions are computed.
+end-of-sequence token are left out. Only the logits of the scored positions are computed. The
+prompts' shared chat-template prefix runs once per pass (see :mod:`blasphemer.evaluation.prefix`).
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from blasphemer.evaluation.generation import (
     left_pad,
     length_sorted_batches,
     pad_token_id,
+    shared_prefix,
 )
+from blasphemer.evaluation.prefix import PrefixState, with_prefix_columns
 
 
 @dataclass(frozen=True)
 class _KLBatch:
     indices: list[int]
-    input_ids: torch.Tensor  # [B, L] on the input device
-    attention_mask: torch.Tensor | None  # None when nothing is padded
-    position_ids: torch.Tensor
+    input_ids: torch.Tensor  # [B, L] on the input device: what follows the shared prefix
+    attention_mask: torch.Tensor | None  # None when nothing is padded; prefix columns first
+    position_ids: torch.Tensor  # counted from the start of the prefix
     valid: torch.Tensor  # [B, k] float32: 1 where the position is scored
     original: torch.Tensor  # [B, k, V] float32 log-probs of the unedited model
 
@@ -69,6 +72,7 @@ class KLScorer:
         batch_size: int = 16,
         positions: int = 1,
         cache_device: torch.device | str | None = None,
+        share_prefix: bool = True,
     ) -> None:
         if not texts:
             raise ValueError("KLScorer needs at least one prompt")
@@ -77,25 +81,40 @@ class KLScorer:
         self.loaded = loaded
         self.positions = positions
         self.cache_device = None if cache_device is None else torch.device(cache_device)
+        self.share_prefix = share_prefix
         model, tokenizer = loaded.model, loaded.tokenizer
         self._spec = ForwardSpec.of(model)
         prompts = encode_texts(tokenizer, texts)
         pad_id = pad_token_id(tokenizer)
         continuations = greedy_tokens(
-            model, prompts, positions - 1, batch_size=batch_size, pad_id=pad_id
+            model,
+            prompts,
+            positions - 1,
+            batch_size=batch_size,
+            pad_id=pad_id,
+            share_prefix=share_prefix,
         )
         self.continuations = continuations
         eos = eos_token_ids(model, tokenizer)
         device = input_device(model)
         self._batches: list[_KLBatch] = []
-        for indices in length_sorted_batches([len(p) for p in prompts], batch_size):
+        with torch.inference_mode():
+            suffixes, prefix = shared_prefix(
+                model, self._spec, prompts, share_prefix, positions - 1
+            )
+        self._prefix = () if prefix is None else tuple(prompts[0][: prefix.length])
+        self._span = max(len(prompt) for prompt in prompts) * 2 + positions - 1
+        for indices in length_sorted_batches([len(p) for p in suffixes], batch_size):
             ids, mask, position_ids = left_pad(
-                [prompts[i] + continuations[i] for i in indices], pad_id
+                [suffixes[i] + continuations[i] for i in indices], pad_id
             )
             valid = torch.tensor([_valid_positions(continuations[i], eos) for i in indices])
-            ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
             padded = bool((mask[:, 0] == 0).any())
-            original = self._log_probs(ids, mask if padded else None, position_ids)
+            mask = with_prefix_columns(mask, prefix)
+            if prefix is not None:
+                position_ids = position_ids + prefix.length
+            ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
+            original = self._log_probs(ids, mask if padded else None, position_ids, prefix)
             if self.cache_device is not None:
                 original = original.to(self.cache_device)
             self._batches.append(
@@ -104,10 +123,17 @@ class KLScorer:
         self.n_prompts = len(prompts)
 
     def _log_probs(
-        self, ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        prefix: PrefixState | None,
     ) -> torch.Tensor:
         """float32 log-probs ``[B, positions, V]`` at the scored positions."""
         kwargs: dict[str, object] = {"input_ids": ids, "use_cache": False}
+        if prefix is not None:
+            kwargs["use_cache"] = True
+            kwargs[self._spec.cache_argument] = prefix.for_batch(ids.shape[0])
         if mask is not None:
             kwargs["attention_mask"] = mask
         if self._spec.position_ids:
@@ -121,8 +147,15 @@ class KLScorer:
     def per_prompt(self) -> torch.Tensor:
         """KL of every prompt (``[n_prompts]`` float32 on the CPU, in the order given)."""
         result = torch.empty(self.n_prompts, dtype=torch.float32)
+        model = self.loaded.model
+        with torch.inference_mode():  # the prefix under the weights as they are now
+            prefix = PrefixState.compute(
+                model, self._prefix, self._spec.cache_argument, input_device(model), self._span
+            )
         for batch in self._batches:
-            edited = self._log_probs(batch.input_ids, batch.attention_mask, batch.position_ids)
+            edited = self._log_probs(
+                batch.input_ids, batch.attention_mask, batch.position_ids, prefix
+            )
             divergence = kl_divergence(batch.original, edited).float().cpu()  # [B, k]
             per_prompt = (divergence * batch.valid).sum(-1) / batch.valid.sum(-1)
             result[torch.tensor(batch.indices)] = per_prompt

@@ -63,6 +63,8 @@ class RefusalScorer:
     answers stop once decided (see :mod:`blasphemer.evaluation.generation` for what that
     preserves). ``response_prefix=None`` detects template text shared by every answer with the
     model as it is at construction (unedited); pass ``""`` to judge answers whole.
+    ``share_prefix`` runs the prompts' shared chat-template prefix once per pass
+    (:mod:`blasphemer.evaluation.prefix`).
     """
 
     name = "refusals"
@@ -78,6 +80,7 @@ class RefusalScorer:
         batch_size: int = 16,
         response_prefix: str | None = None,
         stop_at_marker: bool = False,
+        share_prefix: bool = True,
     ) -> None:
         if not texts:
             raise ValueError("RefusalScorer needs at least one prompt")
@@ -87,6 +90,7 @@ class RefusalScorer:
         self.decided_after = decided_after
         self.batch_size = batch_size
         self.stop_at_marker = stop_at_marker
+        self.share_prefix = share_prefix
         self.prompts = encode_texts(loaded.tokenizer, texts)
         if response_prefix is None:
             response_prefix = self._detect_prefix()
@@ -101,6 +105,7 @@ class RefusalScorer:
             min(PREFIX_PROBE_TOKENS, self.max_new_tokens),
             batch_size=self.batch_size,
             pad_id=pad_token_id(self.loaded.tokenizer),
+            share_prefix=self.share_prefix,
         )
         eos = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         answers = [_until_eos(row, eos) for row in tokens]
@@ -133,6 +138,7 @@ class RefusalScorer:
             batch_size=self.batch_size,
             response_prefix=self.response_prefix,
             stop_at_marker=self.stop_at_marker,
+            share_prefix=self.share_prefix,
             on_batch=on_batch,
             should_stop=should_stop,
         )

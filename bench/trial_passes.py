@@ -1,0 +1,145 @@
+"""A trial's two passes on the real model, with each lever on and off, timed in one run.
+
+    python bench/trial_passes.py --out bench/results/DATE-trial-passes.json
+    python bench/trial_passes.py --prompts 16 --repeats 1        # a quick look
+
+A trial scores an edit twice: the KL pass (first-token log-probs on the harmless select prompts)
+and the refusal pass (greedy answers to the harmful select prompts, stopped once decided). This
+runs both on the fetched Qwen2.5-Coder-0.5B-Instruct under one fixed edit (directions from 32 +
+32 other prompts, weight 1 at the middle layer falling to 0 a third of the layers away), with
+the shared-prefix cache off and on, in alternating order over ``--repeats`` rounds, and prints
+the median seconds of each and their ratio. It also checks that both settings give the same
+verdicts and KL values within float32 rounding, so a faster setting that changed results shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import models as bench_models
+from answers import _instructions
+from blasphemer import architectures, prompts
+from blasphemer.ablation import AblationParameters, ComponentKind, KernelParameters
+from blasphemer.directions import compute_directions
+from blasphemer.editing import Ablation
+from blasphemer.evaluation import KLScorer, RefusalScorer
+from blasphemer.evaluation.prefix import split_prefix
+from blasphemer.loading import load_model
+from blasphemer.residuals import mean_residuals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=50, help="Harmful and harmless each.")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64, help="max_new_tokens")
+    parser.add_argument("--decided-after", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+    loaded = load_model(str(bench_models.fetch("qwen")), dtypes=["float32"], device_map="cpu")
+    model_map = architectures.resolve(loaded.model)
+    harmful = prompts.render(loaded.tokenizer, _instructions("harmful_test.json", args.prompts))
+    harmless = prompts.render(loaded.tokenizer, _instructions("harmless_test.json", args.prompts))
+    ids = loaded.tokenizer(harmful, add_special_tokens=False)["input_ids"]
+    shared = split_prefix(ids)
+    mean_length = sum(len(row) for row in ids) / len(ids)
+    print(f"shared prefix {len(shared.prefix)} of {mean_length:.1f} tokens on average", flush=True)
+
+    # One fixed edit: directions from 32 + 32 prompts the passes do not use.
+    fit = {
+        kind: prompts.render(loaded.tokenizer, _instructions(f"{kind}_test.json", 300)[-32:])
+        for kind in ("harmful", "harmless")
+    }
+    residuals = {
+        kind: mean_residuals(loaded, model_map, texts, batch_size=args.batch_size)
+        for kind, texts in fit.items()
+    }
+    directions = compute_directions(residuals["harmful"], residuals["harmless"], projected=True)
+    n_layers = model_map.n_layers
+    kernel = KernelParameters(1.0, n_layers / 2, 0.0, n_layers / 3)
+    parameters = AblationParameters(
+        direction_index=n_layers / 2,
+        kernels={ComponentKind.ATTENTION: kernel, ComponentKind.MLP: kernel},
+    )
+
+    scorers: dict[str, tuple[KLScorer, RefusalScorer]] = {}
+    for name, share in (("whole prompts", False), ("shared prefix", True)):
+        kl = KLScorer(loaded, harmless, batch_size=args.batch_size, share_prefix=share)
+        refusals = RefusalScorer(
+            loaded,
+            harmful,
+            max_new_tokens=args.tokens,
+            decided_after=args.decided_after,
+            batch_size=args.batch_size,
+            share_prefix=share,
+        )
+        scorers[name] = (kl, refusals)
+
+    times: dict[str, dict[str, list[float]]] = {n: {"kl": [], "refusals": []} for n in scorers}
+    results: dict[str, Any] = {}
+    handle = Ablation(directions, parameters).apply(model_map)
+    try:
+        for round_ in range(args.repeats):
+            order = list(scorers) if round_ % 2 == 0 else list(reversed(scorers))
+            for name in order:
+                kl, refusals = scorers[name]
+                started = time.perf_counter()
+                divergence = kl.per_prompt()
+                times[name]["kl"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                verdicts = refusals.evaluate()
+                times[name]["refusals"].append(time.perf_counter() - started)
+                results[name] = (divergence, verdicts.refused)
+                print(
+                    f"round {round_ + 1} {name}: KL pass {times[name]['kl'][-1]:.1f} s, "
+                    f"refusal pass {times[name]['refusals'][-1]:.1f} s "
+                    f"({sum(verdicts.refused)}/{len(verdicts.refused)} refused)",
+                    flush=True,
+                )
+    finally:
+        handle.restore()
+
+    (kl_whole, refused_whole), (kl_shared, refused_shared) = results.values()
+    medians = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    base, lever = medians["whole prompts"], medians["shared prefix"]
+    report = {
+        "model": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "prompts": args.prompts,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.tokens,
+        "decided_after": args.decided_after,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "shared_prefix_tokens": len(shared.prefix),
+        "mean_prompt_tokens": mean_length,
+        "median_seconds": medians,
+        "ratio_shared_over_whole": {k: lever[k] / base[k] for k in base},
+        "ratio_trial": sum(lever.values()) / sum(base.values()),
+        "verdicts_differing": sum(
+            a != b for a, b in zip(refused_whole, refused_shared, strict=True)
+        ),
+        "kl_max_abs_difference": float((kl_whole - kl_shared).abs().max()),
+        "kl_mean": [float(kl_whole.mean()), float(kl_shared.mean())],
+    }
+    print(json.dumps(report, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
