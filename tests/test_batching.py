@@ -115,6 +115,24 @@ def test_timing_never_picks_below_the_floor() -> None:
     assert candidate_sizes(FLOOR, MAX_BATCH, 5) == [5]  # so does a small prompt set
 
 
+def test_each_size_runs_once_per_round_the_warm_up_being_the_first() -> None:
+    # The probe's cost: every size runs exactly `repeats` times (the warm-up is a timed round,
+    # not an extra run), and larger sizes are never tried after one ran out of memory.
+    machine = _SimulatedMachine()
+    calls: list[int] = []
+
+    def run(size: int) -> None:
+        calls.append(size)
+        if size > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        machine.run(size)
+
+    rates = measure_rates(run, [8, 16, 32, 64], repeats=3, clock=machine.clock)
+    assert sorted(rates) == [8, 16]
+    assert calls == [8, 16, 32, 8, 16, 8, 16]
+    assert rates[8] == pytest.approx(8 / _cost(8)) and rates[16] == pytest.approx(16 / _cost(16))
+
+
 def test_sizes_that_run_out_of_memory_are_dropped() -> None:
     machine = _SimulatedMachine()
 

@@ -3,10 +3,11 @@
 The ceiling comes from arithmetic, not from trying: the bytes one sequence needs at the longest
 prompt plus the response (KV cache, hidden states, attention scores, logits) against the free
 memory of the model's device. Below it, powers of two from a floor upwards are timed, every size
-once per round over several rounds (so a burst of load from other processes hits all sizes
-alike), and each size keeps its fastest round (noise only ever adds time). A larger size is kept
-unless it is clearly slower per prompt than the best so far, and no size below the floor is ever
-chosen for timing reasons alone: on a busy machine the pick stays near the quiet machine's pick.
+once per round over three rounds, the first of which is also the warm-up (so a burst of load
+from other processes hits all sizes alike), and each size keeps its fastest round (noise only
+ever adds time). A larger size is kept unless it is clearly slower per prompt than the best so
+far, and no size below the floor is ever chosen for timing reasons alone: on a busy machine the
+pick stays near the quiet machine's pick.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 _PROBE_TOKENS = 4
 FLOOR = 8  # timing alone never picks fewer prompts per pass (batching is rarely slower per prompt)
-REPEATS = 3  # timing rounds; each size keeps its fastest
+REPEATS = 3  # timing rounds, the warm-up included; each size keeps its fastest
 CLEARLY_SLOWER = 0.9  # a larger size is kept unless its rate is below this share of the best
 MEMORY_SHARE = 0.5  # of the free memory, for the batch's activations and KV cache
 
@@ -105,24 +106,23 @@ def measure_rates(
 ) -> dict[int, float]:
     """Prompts per second of ``run(size)`` for each size: its fastest of ``repeats`` rounds.
 
-    Every size runs once per round (after one untimed warm-up each), so a load burst from other
-    processes slows all sizes alike instead of one. A size that runs out of memory is dropped
-    with every larger one.
+    Every size runs once per round, so a load burst from other processes slows all sizes alike
+    instead of one. The first round also warms up (allocator, kernels, caches) and finds the
+    sizes that fit: it is timed like the others, and since each size keeps its fastest round, a
+    slow warm-up never wins. A size that runs out of memory is dropped with every larger one.
     """
     fitting: list[int] = []
-    for size in sizes:
-        if not _fits(run, size):  # the warm-up run: allocator, kernels, caches
-            break
-        fitting.append(size)
     best: dict[int, float] = {}
-    for _ in range(repeats):
-        for size in list(fitting):
+    for round_ in range(max(1, repeats)):
+        for size in list(sizes if round_ == 0 else fitting):
             started = clock()
             if not _fits(run, size):
                 fitting = [s for s in fitting if s < size]
                 break
             elapsed = max(clock() - started, 1e-9)
             best[size] = max(best.get(size, 0.0), size / elapsed)
+            if round_ == 0:
+                fitting.append(size)
     return {size: rate for size, rate in best.items() if size in fitting}
 
 
