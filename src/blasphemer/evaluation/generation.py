@@ -265,7 +265,8 @@ def shared_prefix(
     shared = split_prefix(prompts, enabled=enabled)
     if not shared.prefix:
         return shared.suffixes, None
-    span = max(len(prompt) for prompt in prompts) * 2 + new_tokens  # padding at most doubles it
+    # A batch holds the prefix, the padded rest (no wider than the longest prompt's) and answers.
+    span = max(len(prompt) for prompt in prompts) + new_tokens
     device = input_device(model)
     state = PrefixState.compute(model, shared.prefix, spec.cache_argument, device, span)
     if state is None:

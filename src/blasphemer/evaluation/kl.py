@@ -103,7 +103,7 @@ class KLScorer:
                 model, self._spec, prompts, share_prefix, positions - 1
             )
         self._prefix = () if prefix is None else tuple(prompts[0][: prefix.length])
-        self._span = max(len(prompt) for prompt in prompts) * 2 + positions - 1
+        self._span = max(len(prompt) for prompt in prompts) + positions - 1
         for indices in length_sorted_batches([len(p) for p in suffixes], batch_size):
             ids, mask, position_ids = left_pad(
                 [suffixes[i] + continuations[i] for i in indices], pad_id
