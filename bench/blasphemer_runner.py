@@ -133,6 +133,30 @@ def read_trial_times(study_db: Path) -> dict[int, tuple[datetime | None, datetim
     return {number: (_datetime(start), _datetime(end)) for number, start, end in rows}
 
 
+def read_trial_phases(study_db: Path) -> dict[int, dict[str, float]]:
+    """Trial number → seconds per phase (apply, kl, refusals, extra, restore) that the run
+    recorded in each complete trial's ``result`` attribute; trials without them are left out."""
+    if not study_db.exists():
+        return {}
+    connection = sqlite3.connect(f"file:{study_db}?mode=ro", uri=True)
+    try:
+        rows = connection.execute(
+            "SELECT t.number, a.value_json FROM trial_user_attributes a "
+            "JOIN trials t ON a.trial_id = t.trial_id "
+            "WHERE a.key = 'result' AND t.state = 'COMPLETE'"
+        ).fetchall()
+    except sqlite3.Error:
+        return {}
+    finally:
+        connection.close()
+    phases = {}
+    for number, value in rows:
+        recorded = json.loads(value).get("phases_s")
+        if isinstance(recorded, dict):
+            phases[number] = {str(k): float(v) for k, v in recorded.items()}
+    return phases
+
+
 def _datetime(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 

@@ -2,6 +2,7 @@
 
     python bench/blasphemer_tools.py export-prompts --model M --out DIR [...]
     python bench/blasphemer_tools.py score --job JOB.json --out SCORES.json
+    python bench/blasphemer_tools.py convert --gguf MODEL.gguf --out DIR
 
 ``export-prompts`` writes the exact fit and select prompts a ``blasphemer run`` uses (bundled
 sets, seeded split and trim) as one-prompt-per-line ``.txt`` files that Heretic reads, and checks
@@ -12,14 +13,21 @@ that, rendered with the model's chat template, they equal what Blasphemer itself
 held-out *report* split, against the base model. It first saves chosen trials of Blasphemer
 studies as merged models (with Blasphemer's own exporter), so that every scored model is a folder
 on disk, whichever tool made it.
+
+``convert`` loads a GGUF as Blasphemer does (dequantised, float32) and saves it unchanged as a
+safetensors folder with its tokenizer and chat template, so that a tool without GGUF input
+(Heretic) reads exactly the weights Blasphemer reads. The folder appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -204,6 +212,30 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    from blasphemer.gguf_source import sha256_of
+    from blasphemer.loading import load_model
+
+    target = Path(args.out).resolve()
+    if target.exists():
+        print(f"{target} exists; remove it to convert again", file=sys.stderr)
+        return 1
+    loaded = load_model(args.gguf, dtypes=["float32"], device_map="cpu")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        loaded.model.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        gguf = Path(args.gguf).resolve()
+        source = {"gguf": str(gguf), "sha256": sha256_of(gguf)}
+        (staging / "converted-from.json").write_text(json.dumps(source, indent=2) + "\n")
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(target)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -219,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     scoring = commands.add_parser("score")
     scoring.add_argument("--job", required=True)
     scoring.add_argument("--out", required=True)
+    converting = commands.add_parser("convert")
+    converting.add_argument("--gguf", required=True)
+    converting.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    return export_prompts(args) if args.command == "export-prompts" else score(args)
+    run = {"export-prompts": export_prompts, "score": score, "convert": convert}[args.command]
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,18 @@ SUMMARY_PHASES = {
     "saved": PHASE_LINES["saved"],
 }
 
+# Console lines inside one Heretic trial, in order, and the phase each one opens. A phase ends
+# at the next line of this list (or, for the last one, at its closing line).
+TRIAL_LINES = (
+    ("Running trial ", None),
+    ("* Resetting model...", "reset"),
+    ("* Abliterating...", "abliterate"),
+    ("* Obtaining first-token probability distributions...", "kl"),
+    ("* KL divergence:", None),
+    ("* Counting model refusals...", "refusals"),
+    ("* Refusals:", None),
+)
+
 # Journal operations written by Optuna's JournalStorage (optuna/storages/journal/_storage.py).
 _OP_CREATE_TRIAL = 4
 _OP_SET_TRIAL_STATE_VALUES = 6
@@ -341,6 +353,35 @@ def parse_journal(path: Path) -> list[HereticTrial]:
 
 def _datetime(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
+
+
+def trial_phases(lines: Sequence[tuple[float, str]]) -> list[dict[str, float]]:
+    """Seconds each trial spent resetting, abliterating, on KL and on refusals, from its lines.
+
+    A trial whose lines are not all there (cut off, or a format this does not know) is left out.
+    """
+    trials: list[dict[str, float]] = []
+    marks: dict[str, float] = {}
+    for at, text in lines:
+        stripped = text.strip()
+        for index, (marker, _) in enumerate(TRIAL_LINES):
+            if stripped.startswith(marker):
+                if index == 0:
+                    marks = {}
+                marks[marker] = at
+                if index == len(TRIAL_LINES) - 1 and len(marks) == len(TRIAL_LINES):
+                    trials.append(_phases_from(marks))
+                break
+    return trials
+
+
+def _phases_from(marks: dict[str, float]) -> dict[str, float]:
+    ordered = [marks[marker] for marker, _ in TRIAL_LINES]
+    phases: dict[str, float] = {}
+    for (_, phase), start, end in zip(TRIAL_LINES, ordered, ordered[1:], strict=False):
+        if phase is not None:
+            phases[phase] = end - start
+    return phases
 
 
 def batch_size_from(lines: Sequence[tuple[float, str]]) -> int | None:

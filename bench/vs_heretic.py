@@ -3,6 +3,7 @@
     python bench/vs_heretic.py --trials 50           # the bundled demo model, 2 repeats
     python bench/vs_heretic.py --quick               # smoke run: 3 trials, few prompts
     python bench/vs_heretic.py --model DIR --repeats 3 --skip-install
+    python bench/vs_heretic.py --model qwen --trials 20 --n-eval 50   # a pinned real model
 
 Both tools get the same model, the same prompt files (our bundled fit and select splits,
 exported as text files), the same trial budget, number of evaluation prompts, response length,
@@ -28,6 +29,7 @@ from typing import Any
 
 import blasphemer_runner
 import heretic_driver
+import models as bench_models
 from bench_common import (
     BenchError,
     apply_presets,
@@ -43,6 +45,7 @@ from vs_heretic_report import (
     aggregate,
     front_rows,
     markdown,
+    mean_phases,
     quality,
     run_summary,
     trial_dicts,
@@ -70,7 +73,13 @@ def log(message: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--model", default=str(DEMO_MODEL), help="model folder (default: the bundled demo model)")
+    add(
+        "--model",
+        default=str(DEMO_MODEL),
+        help="model folder, or a pinned GGUF of bench/models.py (qwen, smollm2, gemma3), fetched "
+        "and converted once to a float32 safetensors folder both tools load (default: the "
+        "bundled demo model)",
+    )
     add("--trials", type=int, help="trial budget of every run (default 50; --quick 3)")
     add("--repeats", type=int, help="runs per tool, interleaved (default 2; --quick 1)")
     add("--quick", action="store_true", help="smoke run: 3 trials, few prompts, one repeat")
@@ -151,6 +160,31 @@ def export_prompts(args: argparse.Namespace, model: Path, workdir: Path) -> tupl
     return folder, manifest["refusal_markers"]
 
 
+def resolve_model(name: str, threads: int) -> Path:
+    """A model folder: ``name`` itself, or a pinned GGUF converted once (cached beside it)."""
+    if name not in bench_models.MODELS or Path(name).exists():
+        return Path(name).resolve()
+    try:
+        gguf = bench_models.fetch(name)
+    except bench_models.FetchError as error:
+        raise BenchError(f"fetching {name} failed: {error}") from None
+    if not gguf.name.endswith(".gguf"):
+        raise BenchError(f"--model {name}: not a GGUF model; pass a model folder")
+    folder = gguf.with_name(f"{gguf.stem}-float32")
+    if not (folder / "config.json").is_file():
+        log(f"converting {gguf.name} to a safetensors folder (once) ...")
+        command = [sys.executable, str(TOOLS_SCRIPT), "convert", "--gguf", str(gguf)]
+        done = run_timed(
+            [*command, "--out", str(folder)],
+            cwd=folder.parent,
+            env=child_env(threads),
+            log_path=folder.with_name(f"{folder.name}.log"),
+        )
+        if done.returncode != 0:
+            raise BenchError(f"converting {gguf} failed:\n{done.tail()}")
+    return folder
+
+
 def run_tool(
     tool: str, repeat: int, args: argparse.Namespace, where: Path, plans: dict[str, Any]
 ) -> tuple[dict[str, Any], Any]:
@@ -163,6 +197,8 @@ def run_tool(
         phases = blasphemer_runner.SUMMARY_PHASES
         summary = run_summary(tool, repeat, done.process, phases, trial_dicts(done.trials), batch)
         summary["recorded_timings"] = blasphemer_runner.recorded_timings(done.results_json)
+        recorded = blasphemer_runner.read_trial_phases(done.study_db)
+        summary["trial_phases_s"] = mean_phases(list(recorded.values()), summary["mean_trial_s"])
         return summary, done
 
     saves = args.max_front if repeat == 1 else 1  # later repeats save one, for the total time
@@ -182,6 +218,8 @@ def run_tool(
     batch = heretic_driver.batch_size_from(done.process.lines)
     phases = heretic_driver.SUMMARY_PHASES
     summary = run_summary(tool, repeat, done.process, phases, trial_dicts(done.trials), batch)
+    parsed = heretic_driver.trial_phases(done.process.lines)
+    summary["trial_phases_s"] = mean_phases(parsed, summary["mean_trial_s"])
     summary["saved"] = {str(k): str(v) for k, v in done.saved.items()}
     summary["missing_from_menu"] = done.missing
     return summary, done
@@ -237,7 +275,7 @@ def machine() -> str:
 
 def benchmark(args: argparse.Namespace) -> Path:
     """Run everything; returns the path of the results JSON."""
-    model = Path(args.model).resolve()
+    model = resolve_model(args.model, args.threads)
     if not (model / "config.json").is_file():
         raise BenchError(f"{model} is not a model folder (no config.json); pass --model DIR")
     startup, startup_note = startup_trials(args.startup_trials, args.trials)

@@ -4,7 +4,7 @@ Pareto fronts, and the Markdown report. Pure functions of plain data, so they ar
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from bench_common import ProcessRecord, fmt, markdown_table, median, pareto_front, ratio
@@ -123,6 +123,34 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "fronts_agree": len(fronts) == 1,
         }
     return result
+
+
+def mean_phases(
+    per_trial: Sequence[Mapping[str, float]], mean_trial_s: float | None
+) -> dict[str, float]:
+    """Mean seconds per phase of a trial, plus ``other``: the mean trial time not in any phase
+    (sampling the parameters, storage, console). Empty when no trial recorded its phases."""
+    if not per_trial:
+        return {}
+    names = list(dict.fromkeys(name for trial in per_trial for name in trial))
+    means = {name: sum(t.get(name, 0.0) for t in per_trial) / len(per_trial) for name in names}
+    if mean_trial_s is not None:
+        means["other"] = mean_trial_s - sum(means.values())
+    return means
+
+
+def phases_table(runs: list[dict[str, Any]], labels: Mapping[str, str]) -> str:
+    """Each tool's mean trial split into phases (first repeat), as Markdown lines."""
+    lines = []
+    for run in runs:
+        phases = run.get("trial_phases_s") or {}
+        if run["repeat"] != 1 or not phases:
+            continue
+        parts = ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items())
+        lines.append(f"- {labels[run['tool']]}: {parts} (seconds per trial)")
+    if not lines:
+        return ""
+    return "\n".join(["Where a trial's time goes (repeat 1, mean seconds):", "", *lines])
 
 
 def front_rows(run: dict[str, Any], scores: Mapping[str, Any], tool: str) -> list[dict[str, Any]]:
@@ -266,6 +294,8 @@ def markdown(result: dict[str, Any]) -> str:
         comparison_table(summary, MEASURES, labels),
         "",
         batch_sizes(result.get("runs", []), labels),
+        "",
+        phases_table(result.get("runs", []), labels),
         "",
         f"## Quality on the held-out report split ({base['n_prompts']} harmful, "
         f"{result['scores']['n_harmless']} harmless prompts; one evaluator for all models; the "

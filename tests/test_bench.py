@@ -562,3 +562,65 @@ def test_recorded_timings_are_read_from_the_key_the_run_writes(tmp_path: Path) -
         extra={"timings_s": {"load": 1.5, "trials": 9.0}},
     )
     assert blasphemer_runner.recorded_timings(path) == {"load": 1.5, "trials": 9.0}
+
+
+# --- where a trial's time goes ------------------------------------------------------------------
+
+HERETIC_TRIAL = [
+    "Running trial 1 of 2...",
+    "* Parameters:",
+    "  * direction_index = 10.5",
+    "* Resetting model...",
+    "* Abliterating...",
+    "* Evaluating...",
+    "  * Obtaining first-token probability distributions...",
+    "  * KL divergence: 0.1234",
+    "  * Counting model refusals...",
+    "  * Refusals: 3/50",
+    "Elapsed time: 10s",
+]
+
+
+def test_heretic_trial_phases_from_its_console_lines() -> None:
+    times = [0.0, 0.1, 0.1, 0.2, 1.2, 1.5, 1.6, 4.6, 4.7, 14.7, 14.8]
+    lines = list(zip(times, HERETIC_TRIAL, strict=True))
+    cut_off = [(20.0 + at, text) for at, text in lines[:8]]  # a trial killed mid-way
+    second = [(30.0 + at, text) for at, text in lines]
+    phases = heretic_driver.trial_phases(lines + cut_off + second)
+    assert len(phases) == 2
+    assert phases[0] == pytest.approx(
+        {"reset": 1.0, "abliterate": 0.4, "kl": 3.0, "refusals": 10.0}
+    )
+    assert phases[1] == pytest.approx(phases[0])
+
+
+def test_mean_phases_adds_the_time_outside_every_phase() -> None:
+    per_trial = [{"kl": 1.0, "refusals": 4.0}, {"kl": 3.0, "refusals": 6.0}]
+    means = report.mean_phases(per_trial, mean_trial_s=10.0)
+    assert means == pytest.approx({"kl": 2.0, "refusals": 5.0, "other": 3.0})
+    assert report.mean_phases([], 10.0) == {}
+    run = {"tool": "early", "repeat": 1, "trial_phases_s": means}
+    text = report.phases_table([run], report.TOOLS)
+    assert "Blasphemer (early stop): kl 2.00, refusals 5.00, other 3.00" in text
+
+
+def test_blasphemer_trial_phases_are_read_from_the_study_database(tmp_path: Path) -> None:
+    db = tmp_path / "study.db"
+    recorded = {"apply": 0.5, "kl": 1.0, "refusals": 6.0, "extra": 0.0, "restore": 0.25}
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE trials (trial_id INT, number INT, state TEXT)")
+        connection.execute(
+            "CREATE TABLE trial_user_attributes (trial_id INT, key TEXT, value_json TEXT)"
+        )
+        connection.executemany(
+            "INSERT INTO trials VALUES (?, ?, ?)",
+            [(7, 0, "COMPLETE"), (8, 1, "COMPLETE"), (9, 2, "FAIL")],
+        )
+        connection.executemany(
+            "INSERT INTO trial_user_attributes VALUES (?, ?, ?)",
+            [(7, "result", json.dumps({"phases_s": recorded, "kl": 0.1})),
+             (8, "result", json.dumps({"kl": 0.2})),  # an older run: no phases
+             (9, "result", json.dumps({"phases_s": recorded}))],
+        )  # fmt: skip
+    assert blasphemer_runner.read_trial_phases(db) == {0: recorded}
+    assert blasphemer_runner.read_trial_phases(tmp_path / "missing.db") == {}

@@ -362,3 +362,53 @@ def test_objective_rejects_clashing_scorer_names(loaded: Loaded) -> None:
             kl_scorer=KLStub(0.0),
             extra_scorers=[stub],
         )
+
+
+class TickingClock:
+    """A clock that moves only when a stub spends time, so each phase's length is known."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_objective_records_the_time_of_each_phase(loaded: Loaded) -> None:
+    clock = TickingClock()
+
+    class SlowKL(KLStub):
+        def score(self) -> float:
+            clock.now += 2.0
+            return 0.5
+
+    class SlowRefusals(RefusalStub):
+        def evaluate(self, on_batch: Any = None, should_stop: Any = None) -> Outcome:
+            clock.now += 7.0
+            return super().evaluate(on_batch, should_stop)
+
+    class SlowExtra(NamedStub):
+        def score(self) -> float:
+            clock.now += 0.5
+            return 1.0
+
+    objective = Objective(
+        model_map=model_map_of(loaded.model),
+        directions=RandomDirections(),
+        search_space=SearchSpace.build(N_LAYERS),
+        refusal_scorer=SlowRefusals(loaded.model, loaded.tokenizer),
+        kl_scorer=SlowKL(0.0),
+        extra_scorers=[SlowExtra(0.0)],
+        clock=clock,
+    )
+    study = optuna.create_study(directions=["minimize"] * 3)
+    study.optimize(objective, n_trials=1)
+    record = study.trials[0].user_attrs["result"]
+    assert record["phases_s"] == {
+        "apply": 0.0,
+        "kl": 2.0,
+        "refusals": 7.0,
+        "extra": 0.5,
+        "restore": 0.0,
+    }
+    assert record["seconds"] == 9.5

@@ -276,3 +276,32 @@ def test_inspect_json_on_a_real_gguf(capsys: pytest.CaptureFixture[str]) -> None
     assert description["gguf"]["tensor_types"] == ["F32", "Q4_1", "Q8_0"]
     assert description["gguf"]["parameters"] == 134_515_008
     assert _sha256(path) == bench_models.MODELS["smollm2"].sha256
+
+
+def test_a_converted_gguf_gives_another_tool_the_same_weights(tmp_path: Path) -> None:
+    """bench/vs_heretic.py hands Heretic a safetensors folder converted from the GGUF: plain
+    transformers must read from it exactly the model Blasphemer reads from the GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import blasphemer_tools
+
+    path = bench_models.fetch("smollm2", log=False)
+    folder = tmp_path / "converted"
+    assert blasphemer_tools.main(["convert", "--gguf", str(path), "--out", str(folder)]) == 0
+    assert blasphemer_tools.main(["convert", "--gguf", str(path), "--out", str(folder)]) == 1
+    source = json.loads((folder / "converted-from.json").read_text())
+    assert source["sha256"] == bench_models.MODELS["smollm2"].sha256
+
+    loaded = load_model(str(path), dtypes=["float32"], device_map="cpu")
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = [{"role": "user", "content": "Hello"}]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert rendered == loaded.tokenizer.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    )
+    ids = loaded.tokenizer(_texts(loaded, "harmful")[:2], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        expected = loaded.model(**ids).logits
+        got = plain(**ids).logits
+    assert torch.equal(got, expected)

@@ -38,6 +38,10 @@ ATTR_EXTRA = "extra_scores"
 ATTR_SECONDS = "seconds"
 ATTR_EDITED = "edited_writers"
 ATTR_PARTIAL = "dominated_early"  # scoring stopped once the trial was provably dominated
+ATTR_PHASES = "phases_s"  # seconds per phase: apply, kl, refusals, extra, restore
+
+
+_PHASES = ("apply", "kl", "refusals", "extra", "restore")
 
 
 class RefusalOutcome(Protocol):
@@ -198,13 +202,20 @@ class Objective:
         if self.on_trial_start is not None:
             self.on_trial_start(trial.number, parameters)
         started = self.clock()
+        marks = [started]
         with Ablation(self.directions, parameters).apply(self.model_map) as handle:
+            marks.append(self.clock())
             kl = float(self.kl_scorer.score())  # first: one forward pass, and pruning needs it
+            marks.append(self.clock())
             stop = self._stop_rule(trial, kl)
             outcome = self.refusal_scorer.evaluate(should_stop=stop)
+            marks.append(self.clock())
             extra = {s.name: float(s.score()) for s in self.extra_scorers}
             edited = len(handle.edited)
-        seconds = self.clock() - started
+            marks.append(self.clock())
+        marks.append(self.clock())
+        seconds = marks[-1] - started
+        phases = dict(zip(_PHASES, (b - a for a, b in zip(marks, marks[1:])), strict=True))
         refused = list(outcome.refused)
         rate = float(outcome.rate)
         # Optuna rejects NaN objective values; a diverged edit is simply very bad (inf).
@@ -223,6 +234,7 @@ class Objective:
                 ATTR_SECONDS: seconds,
                 ATTR_EDITED: edited,
                 ATTR_PARTIAL: bool(outcome.partial),
+                ATTR_PHASES: phases,
             },
         )
         values = (rate, kl, *extra.values())
