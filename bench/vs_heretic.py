@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ PRESETS = {  # option: (full run, --quick)
     "max_new_tokens": (100, 32),
     "max_front": (8, 3),
 }
+CONCURRENT = (
+    "Heretic on one core while Blasphemer's modes ran one after the other on another (--concurrent)"
+)
 STARTUP_FRACTION = 0.3  # Heretic's shipped ratio: 60 random trials of 200
 
 
@@ -108,6 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="refusal markers Heretic optimises against (default: Blasphemer's, the evaluator's)",
     )
     add("--batch-size", type=int, help="one batch size for both tools (default: each measures)")
+    add(
+        "--concurrent",
+        action="store_true",
+        help="run Heretic beside Blasphemer's modes instead of one tool at a time: about half "
+        "the wall time on a machine with a core per tool; both then share memory bandwidth",
+    )
     add("--modes", default="early,exact", help="Blasphemer modes: early, exact or early,exact")
     add("--max-front", type=int, help="front models scored per tool (default 8)")
     add(
@@ -319,22 +329,58 @@ def benchmark(args: argparse.Namespace) -> Path:
             batch_size=args.batch_size,
         )
 
-    order = ["heretic", *args.modes]
+    runs, first = run_all(args, workdir, plans)
+    schedule = CONCURRENT if args.concurrent else "one tool at a time"
+    return finish(args, model, workdir, (startup, startup_note), runs, first, schedule)
+
+
+def run_all(
+    args: argparse.Namespace, workdir: Path, plans: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every run of every tool: summaries in the order they ended, and each tool's first run.
+
+    One at a time, the order rotating every repeat; or, with ``--concurrent``, Heretic in a
+    thread of its own while Blasphemer's modes run one after the other beside it.
+    """
     runs: list[dict[str, Any]] = []
     first: dict[str, Any] = {}
+
+    def one(tool: str, repeat: int) -> None:
+        log(f"repeat {repeat}/{args.repeats}: {TOOLS[tool]} ...")
+        summary, done = run_tool(tool, repeat, args, workdir / f"{tool}-r{repeat}", plans)
+        runs.append(summary)
+        first.setdefault(tool, (summary, done))
+        log(
+            f"  {TOOLS[tool]}: {summary['n_trials']} trials, {fmt(summary['mean_trial_s'])} s "
+            f"per trial, directions {fmt(summary['directions_s'])} s, "
+            f"peak {fmt(summary['peak_rss_mib'], 0)} MiB"
+        )
+
+    order = ["heretic", *args.modes]
     for repeat in range(1, args.repeats + 1):
+        if args.concurrent:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                heretic = pool.submit(one, "heretic", repeat)
+                for mode in args.modes:
+                    one(mode, repeat)
+                heretic.result()
+            continue
         shift = (repeat - 1) % len(order)
         for tool in order[shift:] + order[:shift]:
-            log(f"repeat {repeat}/{args.repeats}: {TOOLS[tool]} ...")
-            summary, done = run_tool(tool, repeat, args, workdir / f"{tool}-r{repeat}", plans)
-            runs.append(summary)
-            first.setdefault(tool, (summary, done))
-            log(
-                f"  {summary['n_trials']} trials, {fmt(summary['mean_trial_s'])} s per trial, "
-                f"directions {fmt(summary['directions_s'])} s, "
-                f"peak {fmt(summary['peak_rss_mib'], 0)} MiB"
-            )
+            one(tool, repeat)
+    return runs, first
 
+
+def finish(
+    args: argparse.Namespace,
+    model: Path,
+    workdir: Path,
+    startup: tuple[int | None, str],
+    runs: list[dict[str, Any]],
+    first: dict[str, Any],
+    schedule: str = "one tool at a time",
+) -> Path:
+    """Score the first repeat's fronts, then write and print the results; returns the JSON path."""
     scores = score_fronts(args, model, workdir, first)
     fronts = {
         tool: front_rows(summary, scores["models"], tool) for tool, (summary, _) in first.items()
@@ -347,8 +393,9 @@ def benchmark(args: argparse.Namespace) -> Path:
             "threads": args.threads,
             "seed": args.seed,
             "system_prompt": args.system_prompt,
-            "n_startup_trials": startup,
-            "startup_note": startup_note,
+            "n_startup_trials": startup[0],
+            "startup_note": startup[1],
+            "schedule": schedule,
             "heretic_markers": {"ours": "Blasphemer's for both", "heretic": "each tool its own"}[
                 args.heretic_markers
             ],

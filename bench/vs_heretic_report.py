@@ -287,7 +287,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"prompts; responses of {setup['max_new_tokens']} tokens; {setup['threads']} thread(s); "
         f"{setup['startup_note']}; refusal markers: {setup['heretic_markers']}; system prompt "
         f"{setup['system_prompt']!r}; seed {setup['seed']}. Medians of {setup['repeats']} "
-        f"interleaved repeat(s) on {setup['machine']}.",
+        f"interleaved repeat(s) on {setup['machine']}; "
+        f"{setup.get('schedule', 'one tool at a time')}.",
         "",
         "## Cost (medians; a ratio below 1 means Blasphemer is cheaper)",
         "",

@@ -624,3 +624,45 @@ def test_blasphemer_trial_phases_are_read_from_the_study_database(tmp_path: Path
         )  # fmt: skip
     assert blasphemer_runner.read_trial_phases(db) == {0: recorded}
     assert blasphemer_runner.read_trial_phases(tmp_path / "missing.db") == {}
+
+
+def test_concurrent_runs_heretic_beside_blasphemers_modes(monkeypatch, tmp_path: Path) -> None:
+    import itertools
+    import threading
+    import time
+
+    spans: dict[str, tuple[float, float]] = {}
+    lock = threading.Lock()
+
+    def fake_run_tool(tool, repeat, args, where, plans):
+        started = time.monotonic()
+        time.sleep(0.3 if tool == "heretic" else 0.1)
+        with lock:
+            spans[f"{tool}-{repeat}"] = (started, time.monotonic())
+        summary = {"tool": tool, "repeat": repeat, "n_trials": 1, "mean_trial_s": 1.0,
+                   "directions_s": 1.0, "peak_rss_mib": 1.0}  # fmt: skip
+        return summary, f"done-{tool}-{repeat}"
+
+    monkeypatch.setattr(vs_heretic, "run_tool", fake_run_tool)
+    args = vs_heretic.parse_args(["--quick", "--concurrent", "--repeats", "2"])
+    runs, first = vs_heretic.run_all(args, tmp_path, {})
+    assert sorted((r["tool"], r["repeat"]) for r in runs) == sorted(
+        (t, r) for t in ("heretic", "early", "exact") for r in (1, 2)
+    )
+    assert {tool: done for tool, (_, done) in first.items()} == {
+        "heretic": "done-heretic-1", "early": "done-early-1", "exact": "done-exact-1"
+    }  # fmt: skip
+    for repeat in (1, 2):
+        heretic, early, exact = (spans[f"{t}-{repeat}"] for t in ("heretic", "early", "exact"))
+        assert early[0] < heretic[1] and heretic[0] < early[1]  # they overlapped
+        assert early[1] <= exact[0]  # Blasphemer's modes one after the other
+    assert max(spans[f"{t}-1"][1] for t in ("heretic", "early", "exact")) <= min(
+        spans[f"{t}-2"][0] for t in ("heretic", "early", "exact")
+    )  # a repeat starts when the last one has ended
+
+    monkeypatch.setattr(vs_heretic, "run_tool", fake_run_tool)
+    spans.clear()
+    args = vs_heretic.parse_args(["--quick", "--repeats", "1"])
+    vs_heretic.run_all(args, tmp_path, {})
+    ordered = sorted(spans.values())
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(ordered))  # one at a time
