@@ -379,9 +379,12 @@ def finish(
     runs: list[dict[str, Any]],
     first: dict[str, Any],
     schedule: str = "one tool at a time",
+    scores: dict[str, Any] | None = None,
 ) -> Path:
-    """Score the first repeat's fronts, then write and print the results; returns the JSON path."""
-    scores = score_fronts(args, model, workdir, first)
+    """Score the first repeat's fronts (unless ``scores`` has them), then write and print the
+    results; returns the JSON path."""
+    if scores is None:
+        scores = score_fronts(args, model, workdir, first)
     fronts = {
         tool: front_rows(summary, scores["models"], tool) for tool, (summary, _) in first.items()
     }
