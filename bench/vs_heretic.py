@@ -422,7 +422,8 @@ def finish(
 def write_results(args: argparse.Namespace, result: dict[str, Any]) -> Path:
     """Write the JSON and the Markdown beside it (never over an earlier result) and print it."""
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{datetime.now():%Y-%m-%d}-vs-heretic{'-quick' if args.quick else ''}"
+    tag = f"-{args.model}" if args.model in bench_models.MODELS else ""
+    name = f"{datetime.now():%Y-%m-%d}-vs-heretic{tag}{'-quick' if args.quick else ''}"
     if (args.results_dir / f"{name}.json").exists():
         name += f"-{datetime.now():%H%M%S}"
     text = markdown(result)

@@ -666,3 +666,12 @@ def test_concurrent_runs_heretic_beside_blasphemers_modes(monkeypatch, tmp_path:
     vs_heretic.run_all(args, tmp_path, {})
     ordered = sorted(spans.values())
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(ordered))  # one at a time
+
+
+def test_results_of_a_pinned_model_are_named_after_it(monkeypatch, tmp_path: Path) -> None:
+    result = {"setup": {}, "summary": {}, "quality": {}, "fronts": {}, "scores": {}}
+    monkeypatch.setattr(vs_heretic, "markdown", lambda _result: "# report\n")
+    for model, suffix in (("qwen", "-vs-heretic-qwen"), (str(tmp_path), "-vs-heretic")):
+        args = vs_heretic.parse_args(["--model", model, "--results-dir", str(tmp_path / "r")])
+        path = vs_heretic.write_results(args, result)
+        assert path.name.endswith(f"{suffix}.json") and path.with_suffix(".md").is_file()
