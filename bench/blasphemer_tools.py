@@ -179,7 +179,8 @@ def score(args: argparse.Namespace) -> int:
         batch_size=batch,
     )
     kl = KLScorer(base, prompts.harmless.report, batch_size=batch)
-    original = refusals.evaluate()
+    # A job that scores more models against a base already scored elsewhere may skip it.
+    original = refusals.evaluate() if job.get("score_base", True) else None
 
     def summary(refused: list[bool], divergence: float, seconds: float) -> dict[str, Any]:
         count, n = sum(refused), len(refused)
@@ -193,7 +194,9 @@ def score(args: argparse.Namespace) -> int:
             "seconds": seconds,
         }
 
-    scores = {"base": summary(original.refused, 0.0, time.monotonic() - started), "models": {}}
+    scores: dict[str, Any] = {"models": {}}
+    if original is not None:
+        scores["base"] = summary(original.refused, 0.0, time.monotonic() - started)
     for key, path in job["models"].items():
         began = time.monotonic()
         model = loading.load_model(path, dtypes=["float32"], device_map="cpu")

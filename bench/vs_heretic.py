@@ -236,7 +236,12 @@ def run_tool(
 
 
 def score_fronts(
-    args: argparse.Namespace, model: Path, workdir: Path, first: dict[str, Any]
+    args: argparse.Namespace,
+    model: Path,
+    workdir: Path,
+    first: dict[str, Any],
+    *,
+    score_base: bool = True,
 ) -> dict[str, Any]:
     """Save Blasphemer's front trials, then score every saved front model on the report split."""
     job: dict[str, Any] = {
@@ -246,6 +251,7 @@ def score_fronts(
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
         "split_seed": 0,
+        "score_base": score_base,
         "exports": [],
         "models": {},
     }
