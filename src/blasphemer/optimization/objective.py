@@ -7,6 +7,7 @@ kept in its user attributes, so a :class:`TrialResult` can be rebuilt from the s
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -215,7 +216,7 @@ class Objective:
             marks.append(self.clock())
         marks.append(self.clock())
         seconds = marks[-1] - started
-        phases = dict(zip(_PHASES, (b - a for a, b in zip(marks, marks[1:])), strict=True))
+        phases = dict(zip(_PHASES, (b - a for a, b in itertools.pairwise(marks)), strict=True))
         refused = list(outcome.refused)
         rate = float(outcome.rate)
         # Optuna rejects NaN objective values; a diverged edit is simply very bad (inf).
