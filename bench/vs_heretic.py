@@ -203,7 +203,7 @@ def run_tool(
         done: Any = blasphemer_runner.run_blasphemer(
             plans["blasphemer_exe"], plans[tool], where, threads=args.threads, timeout=args.timeout
         )
-        batch = blasphemer_runner.batch_size_from(done.process.lines)
+        batch = blasphemer_runner.batch_size_from(done.process.lines) or args.batch_size
         phases = blasphemer_runner.SUMMARY_PHASES
         summary = run_summary(tool, repeat, done.process, phases, trial_dicts(done.trials), batch)
         summary["recorded_timings"] = blasphemer_runner.recorded_timings(done.results_json)
@@ -225,7 +225,7 @@ def run_tool(
         threads=args.threads,
         timeout=args.timeout,
     )
-    batch = heretic_driver.batch_size_from(done.process.lines)
+    batch = heretic_driver.batch_size_from(done.process.lines) or args.batch_size
     phases = heretic_driver.SUMMARY_PHASES
     summary = run_summary(tool, repeat, done.process, phases, trial_dicts(done.trials), batch)
     parsed = heretic_driver.trial_phases(done.process.lines)
