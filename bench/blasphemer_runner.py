@@ -117,38 +117,37 @@ class BlasphemerTrial:
         return True  # results.json lists complete trials only
 
 
-def read_trial_times(study_db: Path) -> dict[int, tuple[datetime | None, datetime | None]]:
-    """Trial number → (start, end) of the complete trials in an Optuna SQLite database."""
+def _query(study_db: Path, sql: str) -> list[Any]:
+    """Rows of a read-only query on an Optuna SQLite database; none if missing or unreadable."""
     if not study_db.exists():
-        return {}
+        return []
     connection = sqlite3.connect(f"file:{study_db}?mode=ro", uri=True)
     try:
-        rows = connection.execute(
-            "SELECT number, datetime_start, datetime_complete FROM trials WHERE state = 'COMPLETE'"
-        ).fetchall()
+        return connection.execute(sql).fetchall()
     except sqlite3.Error:
-        return {}
+        return []
     finally:
         connection.close()
+
+
+def read_trial_times(study_db: Path) -> dict[int, tuple[datetime | None, datetime | None]]:
+    """Trial number → (start, end) of the complete trials in an Optuna SQLite database."""
+    rows = _query(
+        study_db,
+        "SELECT number, datetime_start, datetime_complete FROM trials WHERE state = 'COMPLETE'",
+    )
     return {number: (_datetime(start), _datetime(end)) for number, start, end in rows}
 
 
 def read_trial_phases(study_db: Path) -> dict[int, dict[str, float]]:
     """Trial number → seconds per phase (apply, kl, refusals, extra, restore) that the run
     recorded in each complete trial's ``result`` attribute; trials without them are left out."""
-    if not study_db.exists():
-        return {}
-    connection = sqlite3.connect(f"file:{study_db}?mode=ro", uri=True)
-    try:
-        rows = connection.execute(
-            "SELECT t.number, a.value_json FROM trial_user_attributes a "
-            "JOIN trials t ON a.trial_id = t.trial_id "
-            "WHERE a.key = 'result' AND t.state = 'COMPLETE'"
-        ).fetchall()
-    except sqlite3.Error:
-        return {}
-    finally:
-        connection.close()
+    rows = _query(
+        study_db,
+        "SELECT t.number, a.value_json FROM trial_user_attributes a "
+        "JOIN trials t ON a.trial_id = t.trial_id "
+        "WHERE a.key = 'result' AND t.state = 'COMPLETE'",
+    )
     phases = {}
     for number, value in rows:
         recorded = json.loads(value).get("phases_s")
