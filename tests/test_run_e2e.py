@@ -151,6 +151,17 @@ def test_chosen_trial_meets_the_held_out_targets(full_run: SimpleNamespace) -> N
     assert held_out["kl"] <= MAX_KL
 
 
+def test_the_front_is_counted_on_whole_answers(full_run: SimpleNamespace) -> None:
+    data = _results(full_run.output)
+    by_number = {t["number"]: t for t in data["trials"]}
+    front = [by_number[number] for number in data["pareto_front"]]
+    # Every front trial's count was confirmed after the search (the search's own is kept).
+    assert front and all(t["early_refusals"] is not None for t in front)
+    assert all(t["refusals"] / t["n_prompts"] == t["refusal_rate"] for t in front)
+    assert "confirm_front" in data["timings_s"]
+    assert "on whole answers" in full_run.out
+
+
 def test_console_shows_the_front_with_intervals_star_and_tiers(full_run: SimpleNamespace) -> None:
     out = full_run.out
     assert f"trial {N_TRIALS}/{N_TRIALS}" in out

@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         description="Stop scoring a trial once it provably cannot reach the Pareto front "
         "(its refusals are then a lower bound).",
     )
+    confirm_front: bool = Field(
+        True,
+        description="After the search, judge the Pareto front's trials again on whole answers "
+        "(up to --max-new-tokens), until the front holds only such counts: it is then the front "
+        "exact verdicts would give, for a few more evaluations, not one per trial.",
+    )
     kl_positions: int = Field(
         1,
         ge=1,

@@ -1,4 +1,5 @@
-"""Stages 9 and 10 of a run: held-out numbers for the front, choosing a trial, saving it.
+"""Stages 9 and 10 of a run: the front confirmed on whole answers, held-out numbers for it,
+choosing a trial, saving it.
 
 Like :mod:`blasphemer.app.stages`, each function does one numbered stage (with its helpers) and
 returns a value object for the next; :mod:`blasphemer.app.pipeline` sequences them.
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
+
 from blasphemer import export, gguf_export, gguf_source, loading
 from blasphemer.app import preflight, report
 from blasphemer.app import results as result_files
@@ -18,9 +21,15 @@ from blasphemer.directions import Directions
 from blasphemer.editing import Ablation
 from blasphemer.optimization import (
     TrialResult,
+    pareto_front,
     parse_rule,
     recommended,
     recommended_held_out,
+)
+from blasphemer.optimization.confirmation import (
+    confirm_front,
+    record_confirmation,
+    stored_confirmations,
 )
 
 
@@ -32,6 +41,43 @@ class Findings:
     results: list[TrialResult]
     front: list[TrialResult]
     held_out: dict[int, result_files.HeldOutScores]
+
+
+def confirmed_front(
+    ctx: RunContext, directions: Directions, study: optuna.Study, results: list[TrialResult]
+) -> tuple[list[TrialResult], list[TrialResult]]:
+    """Every trial and the Pareto front, with the front's refusals counted on whole answers
+    (see :mod:`blasphemer.optimization.confirmation`); each count is stored in the study as
+    soon as it is known. Skipped when the search's verdicts were already whole-answer ones or
+    ``--no-confirm-front`` asks so."""
+    settings, console = ctx.settings, ctx.console
+    early = not settings.exact_verdicts and settings.decided_after < settings.max_new_tokens
+    if not settings.confirm_front or not early or not results:
+        return results, pareto_front(results)
+    scorer = ctx.refusal_scorer(ctx.prompts.harmful.select)
+    done = stored_confirmations(study)
+
+    def score(result: TrialResult) -> tuple[int, int]:
+        assert result.parameters is not None
+        with Ablation(directions, result.parameters).apply(ctx.model_map):
+            outcome = scorer.evaluate()
+        return outcome.count, len(outcome.refused)
+
+    def store(result: TrialResult, refusals: int, prompts: int) -> None:
+        record_confirmation(study, result.number, refusals, prompts)
+        early_count = "?" if result.refusals is None else result.refusals
+        console.info(
+            f"trial {result.number}: {refusals}/{prompts} refusals on whole answers "
+            f"(search, early verdicts: {early_count})"
+        )
+
+    pending = [r for r in pareto_front(results) if r.early_refusals is None]
+    if pending:
+        console.info(
+            f"judging the front again on whole answers ({settings.max_new_tokens} tokens), "
+            f"starting with {len(pending)} trial(s)"
+        )
+    return confirm_front(results, score, confirmed=done, on_confirmed=store)
 
 
 def held_out(

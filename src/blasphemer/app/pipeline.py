@@ -25,7 +25,6 @@ from blasphemer.evaluation.markers import is_refusal
 from blasphemer.optimization import (
     TrialResult,
     completed_results,
-    pareto_front,
 )
 
 STAGES = 10
@@ -102,7 +101,8 @@ def _run(settings: Settings, console: Console) -> RunResult:
     clock.lap("trials")
     console.stage(9, STAGES, "Pareto front and held-out numbers (report split)")
     results = completed_results(study_run.study, study_run.space)
-    front = pareto_front(results)
+    results, front = final_stages.confirmed_front(ctx, directions, study_run.study, results)
+    clock.lap("confirm_front")
     findings = final_stages.Findings(results, front, final_stages.held_out(ctx, directions, front))
 
     clock.lap("held_out")

@@ -237,6 +237,9 @@ def trial_to_dict(result: TrialResult) -> dict[str, Any]:
         "seconds": result.seconds,
         # Scoring stopped once the trial was provably dominated: refusals are a lower bound.
         "dominated_early": result.dominated_early,
+        # Set when ``refusals`` was confirmed on whole answers after the search: the search's
+        # own (early-verdict) count, a lower bound.
+        "early_refusals": result.early_refusals,
         "extra": {k: _json_number(v) for k, v in result.extra.items()},
         "parameters": None if result.parameters is None else parameters_to_dict(result.parameters),
     }

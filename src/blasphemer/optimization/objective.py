@@ -21,6 +21,7 @@ from blasphemer.ablation import AblationParameters
 from blasphemer.architectures.base import ModelMap
 from blasphemer.editing import Ablation, DirectionSource
 from blasphemer.evaluation.base import Scorer
+from blasphemer.optimization.confirmation import stored_confirmations, with_confirmations
 from blasphemer.optimization.search_space import (
     SearchSpace,
     parameters_from_dict,
@@ -100,6 +101,9 @@ class TrialResult:
     seconds: float | None = None
     extra: Mapping[str, float] = field(default_factory=dict)
     dominated_early: bool = False  # refusal scoring stopped early: ``refusals`` is a lower bound
+    # The search's own count when ``refusals`` was confirmed on whole answers afterwards
+    # (:mod:`blasphemer.optimization.confirmation`); None while it is the search's count.
+    early_refusals: int | None = None
 
     @property
     def refusal_rate(self) -> float:
@@ -151,9 +155,14 @@ def _finite_or_inf(value: float) -> float:
 def completed_results(
     study: optuna.Study, search_space: SearchSpace | None = None
 ) -> list[TrialResult]:
-    """:class:`TrialResult` of every COMPLETE trial of ``study``, in trial-number order."""
+    """:class:`TrialResult` of every COMPLETE trial of ``study``, in trial-number order, with the
+    whole-answer refusal counts recorded in the study applied (see
+    :mod:`blasphemer.optimization.confirmation`)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [TrialResult.from_trial(t, search_space) for t in sorted(trials, key=lambda t: t.number)]
+    results = [
+        TrialResult.from_trial(t, search_space) for t in sorted(trials, key=lambda t: t.number)
+    ]
+    return with_confirmations(results, stored_confirmations(study))
 
 
 class Objective:
