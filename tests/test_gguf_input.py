@@ -186,3 +186,29 @@ def test_preflight_estimates_memory_from_the_header(tmp_path: Path) -> None:
     assert in_bfloat16.weights_on_disk == 256_000 * 2
     assert automatic.weights_on_disk == in_float32.weights_on_disk  # GGUF loads as float32
     assert in_float32.weights_in_memory > in_float32.weights_on_disk
+
+
+def test_the_gguf_loaders_bar_obeys_the_progress_bar_switch(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from blasphemer.loading import gguf_bar_follows_the_switch
+
+    def bar() -> str:
+        for _ in gguf_utils.tqdm(range(3), desc="dequantising"):
+            pass
+        return capfd.readouterr().err
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.disable_progress_bar()
+        with gguf_bar_follows_the_switch():
+            assert bar() == ""
+        assert "dequantising" in bar()  # the loader's own tqdm is back afterwards
+        hf_logging.enable_progress_bar()
+        with gguf_bar_follows_the_switch():
+            assert "dequantising" in bar()  # enabled: left alone
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()

@@ -13,10 +13,12 @@ exportable. The checks before any weights load live in :mod:`blasphemer.model_so
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,9 +208,10 @@ def _try_load(
     try:
         # A fresh copy each attempt: from_pretrained records dtype and quantisation on the config.
         config = copy.deepcopy(request.config)
-        model, info = request.model_class.from_pretrained(
-            source.location, config=config, output_loading_info=True, **kwargs
-        )
+        with gguf_bar_follows_the_switch() if source.gguf is not None else contextlib.nullcontext():
+            model, info = request.model_class.from_pretrained(
+                source.location, config=config, output_loading_info=True, **kwargs
+            )
         if source.gguf is None:
             _check_all_weights_loaded(source, info)
         if source.gguf is not None:
@@ -243,6 +246,25 @@ def _try_load(
     del model
     _free_memory()
     return None, reason
+
+
+@contextlib.contextmanager
+def gguf_bar_follows_the_switch() -> Iterator[None]:
+    """While loading a GGUF, make transformers' de-quantisation progress bar obey transformers'
+    own progress-bar switch (``transformers.utils.logging.disable_progress_bar``), which it
+    ignores: it calls ``tqdm`` directly, so a bar interleaves with the caller's output."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _mismatch_error(source: ModelSource, what: str) -> ModelLoadError:

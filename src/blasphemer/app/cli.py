@@ -9,7 +9,6 @@ tracebacks only with ``--debug``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import types
 import typing
@@ -241,10 +240,9 @@ def _quiet_libraries(debug: bool) -> None:
         huggingface_hub.logging.set_verbosity_info()
     else:
         transformers.logging.set_verbosity_error()
-        # transformers' GGUF loader draws its own tqdm bar, outside its progress-bar switch.
-        os.environ.setdefault("TQDM_DISABLE", "1")
         # An unreachable hub logs every HTTP retry as a warning; our error line says it once.
         huggingface_hub.logging.set_verbosity_error()
+    # Also silences the GGUF loader's bar (see blasphemer.loading.gguf_bar_follows_the_switch).
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("blasphemer").setLevel(logging.DEBUG if debug else logging.WARNING)
