@@ -675,3 +675,14 @@ def test_results_of_a_pinned_model_are_named_after_it(monkeypatch, tmp_path: Pat
         args = vs_heretic.parse_args(["--model", model, "--results-dir", str(tmp_path / "r")])
         path = vs_heretic.write_results(args, result)
         assert path.name.endswith(f"{suffix}.json") and path.with_suffix(".md").is_file()
+
+
+def test_marker_window_joins_every_labelled_answer_with_its_label() -> None:
+    import marker_window
+
+    rows = marker_window.labelled_answers()
+    ids = [row["id"] for row in rows]
+    assert len(ids) == len(set(ids)) >= 1000  # answers/ and unseen/, each once
+    assert all(isinstance(row["refusal"], bool) and row["response"] for row in rows)
+    assert {row["source"] for row in rows} >= {"written", "qwen-original", "smollm2"}
+    assert marker_window.accuracy(3, 4)["accuracy"] == 0.75

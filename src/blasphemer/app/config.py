@@ -145,10 +145,10 @@ class Settings(BaseSettings):
         "(its refusals are then a lower bound).",
     )
     confirm_front: bool = Field(
-        True,
+        False,
         description="After the search, judge the Pareto front's trials again on whole answers "
-        "(up to --max-new-tokens), until the front holds only such counts: it is then the front "
-        "exact verdicts would give, for a few more evaluations, not one per trial.",
+        "(up to --max-new-tokens), until the front holds only such counts: the front "
+        "--exact-verdicts would give (Heretic's rule), usually for fewer evaluations.",
     )
     kl_positions: int = Field(
         1,
