@@ -23,34 +23,28 @@ results are read from the study.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from blasphemer.optimization.objective import (
+    ATTR_CONFIRMED,
+    TrialResult,
+    stored_confirmations,
+    with_confirmations,
+)
 from blasphemer.optimization.selection import pareto_front
 
 if TYPE_CHECKING:
     import optuna
 
-    from blasphemer.optimization.objective import TrialResult
-
-ATTR_CONFIRMED = "confirmed_refusals"
-"""Study user attribute: ``{str(trial number): [whole-answer refusals, prompts]}``."""
-
-
-def stored_confirmations(study: optuna.Study) -> dict[int, tuple[int, int]]:
-    """Whole-answer ``(refusals, prompts)`` per trial number recorded in ``study``."""
-    raw: Any = study.user_attrs.get(ATTR_CONFIRMED, {})
-    if not isinstance(raw, Mapping):
-        return {}
-    confirmed: dict[int, tuple[int, int]] = {}
-    for key, value in raw.items():
-        try:
-            refusals, prompts = value
-            confirmed[int(key)] = (int(refusals), int(prompts))
-        except (TypeError, ValueError):
-            continue  # a malformed entry is ignored: that trial is simply confirmed again
-    return confirmed
+__all__ = [
+    "ATTR_CONFIRMED",
+    "confirm_front",
+    "is_confirmed",
+    "record_confirmation",
+    "stored_confirmations",
+    "with_confirmations",
+]
 
 
 def record_confirmation(study: optuna.Study, number: int, refusals: int, prompts: int) -> None:
@@ -58,35 +52,6 @@ def record_confirmation(study: optuna.Study, number: int, refusals: int, prompts
     current = {str(k): list(v) for k, v in stored_confirmations(study).items()}
     current[str(number)] = [int(refusals), int(prompts)]
     study.set_user_attr(ATTR_CONFIRMED, current)
-
-
-def with_confirmations(
-    results: Sequence[TrialResult], confirmed: Mapping[int, tuple[int, int]]
-) -> list[TrialResult]:
-    """``results`` with each confirmed trial's refusal rate and count replaced by its
-    whole-answer ones (``early_refusals`` keeps the search's count). A count over another number
-    of prompts than the trial's is ignored: the trial stays unconfirmed."""
-    updated: list[TrialResult] = []
-    for result in results:
-        entry = confirmed.get(result.number)
-        if entry is None or result.early_refusals is not None:
-            updated.append(result)
-            continue
-        refusals, prompts = entry
-        if prompts <= 0 or (result.n_prompts is not None and result.n_prompts != prompts):
-            updated.append(result)
-            continue
-        updated.append(
-            dataclasses.replace(
-                result,
-                values=(refusals / prompts, *result.values[1:]),
-                refusals=refusals,
-                n_prompts=prompts,
-                early_refusals=result.refusals,
-                dominated_early=False,
-            )
-        )
-    return updated
 
 
 def is_confirmed(result: TrialResult) -> bool:

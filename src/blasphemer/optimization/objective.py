@@ -7,6 +7,7 @@ kept in its user attributes, so a :class:`TrialResult` can be rebuilt from the s
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -21,7 +22,6 @@ from blasphemer.ablation import AblationParameters
 from blasphemer.architectures.base import ModelMap
 from blasphemer.editing import Ablation, DirectionSource
 from blasphemer.evaluation.base import Scorer
-from blasphemer.optimization.confirmation import stored_confirmations, with_confirmations
 from blasphemer.optimization.search_space import (
     SearchSpace,
     parameters_from_dict,
@@ -163,6 +163,57 @@ def completed_results(
         TrialResult.from_trial(t, search_space) for t in sorted(trials, key=lambda t: t.number)
     ]
     return with_confirmations(results, stored_confirmations(study))
+
+
+# Whole-answer refusal counts confirmed after the search (see
+# :mod:`blasphemer.optimization.confirmation`, which computes them); here because every reader
+# of a study's results applies them.
+ATTR_CONFIRMED = "confirmed_refusals"
+"""Study user attribute: ``{str(trial number): [whole-answer refusals, prompts]}``."""
+
+
+def stored_confirmations(study: optuna.Study) -> dict[int, tuple[int, int]]:
+    """Whole-answer ``(refusals, prompts)`` per trial number recorded in ``study``."""
+    raw: Any = study.user_attrs.get(ATTR_CONFIRMED, {})
+    if not isinstance(raw, Mapping):
+        return {}
+    confirmed: dict[int, tuple[int, int]] = {}
+    for key, value in raw.items():
+        try:
+            refusals, prompts = value
+            confirmed[int(key)] = (int(refusals), int(prompts))
+        except (TypeError, ValueError):
+            continue  # a malformed entry is ignored: that trial is simply confirmed again
+    return confirmed
+
+
+def with_confirmations(
+    results: Sequence[TrialResult], confirmed: Mapping[int, tuple[int, int]]
+) -> list[TrialResult]:
+    """``results`` with each confirmed trial's refusal rate and count replaced by its
+    whole-answer ones (``early_refusals`` keeps the search's count). A count over another number
+    of prompts than the trial's is ignored: the trial stays unconfirmed."""
+    updated: list[TrialResult] = []
+    for result in results:
+        entry = confirmed.get(result.number)
+        if entry is None or result.early_refusals is not None:
+            updated.append(result)
+            continue
+        refusals, prompts = entry
+        if prompts <= 0 or (result.n_prompts is not None and result.n_prompts != prompts):
+            updated.append(result)
+            continue
+        updated.append(
+            dataclasses.replace(
+                result,
+                values=(refusals / prompts, *result.values[1:]),
+                refusals=refusals,
+                n_prompts=prompts,
+                early_refusals=result.refusals,
+                dominated_early=False,
+            )
+        )
+    return updated
 
 
 class Objective:
