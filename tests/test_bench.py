@@ -686,3 +686,34 @@ def test_marker_window_joins_every_labelled_answer_with_its_label() -> None:
     assert all(isinstance(row["refusal"], bool) and row["response"] for row in rows)
     assert {row["source"] for row in rows} >= {"written", "qwen-original", "smollm2"}
     assert marker_window.accuracy(3, 4)["accuracy"] == 0.75
+
+
+def test_edit_strength_reads_edits_and_scales_every_kernel() -> None:
+    import edit_strength
+    from blasphemer.ablation import AblationParameters, KernelParameters
+    from blasphemer.architectures.base import ComponentKind
+
+    assert edit_strength.parse_edits("run:5x1.0, refused:11x1.3") == [
+        ("run", 5, 1.0),
+        ("refused", 11, 1.3),
+    ]
+    for bad in ("5x1.0", "other:5x1", "run:ax1", "run:5"):
+        with pytest.raises(SystemExit, match="DIRECTIONS:TRIALxSCALE"):
+            edit_strength.parse_edits(bad)
+    kernels = {
+        ComponentKind.ATTENTION: KernelParameters(1.0, 3.0, 0.4, 2.0),
+        ComponentKind.MLP: KernelParameters(1.2, 4.0, 0.6, 3.0),
+    }
+    base = AblationParameters(direction_index=2.5, kernels=kernels)
+    stronger = edit_strength.scaled(base, 1.5)
+    assert stronger.direction_index == 2.5
+    for kind, kernel in base.kernels.items():
+        other = stronger.kernels[kind]
+        assert (other.max_weight, other.min_weight) == (
+            kernel.max_weight * 1.5,
+            kernel.min_weight * 1.5,
+        )
+        assert (other.max_weight_position, other.min_weight_distance) == (
+            kernel.max_weight_position,
+            kernel.min_weight_distance,
+        )

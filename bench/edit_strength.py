@@ -1,0 +1,169 @@
+"""Stronger edits, and directions fitted on refused prompts only, on public prompts (issue 11).
+
+    python bench/edit_strength.py --run RUN_DIR --edits run:5x1.0,run:11x1.6,refused:11x1.0 \\
+        --out bench/results/DATE-edit-strength.json
+
+A finished ``blasphemer run`` keeps its settings, directions and every trial's parameters in its
+study (``RUN_DIR/study.db``). Each edit ``DIRECTIONS:TRIALxSCALE`` is that trial's ablation
+with every kernel's ``max_weight`` and ``min_weight`` multiplied by ``SCALE``, removing either
+the run's own directions (``run``) or directions fitted again on the fit split with only the
+harmful prompts the original model refuses (``refused``; early verdicts as in the search).
+Each edit and the original answer public harmful prompts greedily in full (the run's
+``max_new_tokens``), judged by the refusal markers and by the semantic judge, and KL is measured
+on public harmless prompts. The prompts default to ``harmful_test.json[100:200]`` and
+``harmless_test.json[100:200]``: the hand-labelled independent check (``bench/answers.py``)
+uses the first 100, so probing here leaves it unseen. Writes every number and answer to
+``--out`` and prints a line per edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+import models as bench_models
+from answers import DATASETS
+from blasphemer import prompts
+from blasphemer.ablation import AblationParameters
+from blasphemer.app import stages
+from blasphemer.app.config import Settings
+from blasphemer.app.console import Console
+from blasphemer.directions import Directions, compute_directions
+from blasphemer.editing import Ablation
+from blasphemer.evaluation import KLScorer, RefusalScorer
+from blasphemer.evaluation.judges import make_judge
+from blasphemer.evaluation.judging import Answer
+from blasphemer.optimization import parameters_from_dict
+from blasphemer.optimization.metadata import read_metadata
+from blasphemer.residuals import mean_residuals
+
+
+def scaled(parameters: AblationParameters, factor: float) -> AblationParameters:
+    """``parameters`` with every kernel's peak and floor multiplied by ``factor``."""
+    kernels = {
+        kind: dataclasses.replace(
+            kernel, max_weight=kernel.max_weight * factor, min_weight=kernel.min_weight * factor
+        )
+        for kind, kernel in parameters.kernels.items()
+    }
+    return dataclasses.replace(parameters, kernels=kernels)
+
+
+def parse_edits(text: str) -> list[tuple[str, int, float]]:
+    """``run:5x1.0,refused:11x1.3`` -> ``[("run", 5, 1.0), ("refused", 11, 1.3)]``."""
+    edits = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        source, _, rest = item.partition(":")
+        trial, _, factor = rest.partition("x")
+        if source not in ("run", "refused") or not trial.isdigit() or not factor:
+            raise SystemExit(f"bad edit {item!r}: write DIRECTIONS:TRIALxSCALE, e.g. run:5x1.3")
+        edits.append((source, int(trial), float(factor)))
+    return edits
+
+
+def refused_directions(ctx: Any) -> tuple[Directions, int, int]:
+    """Directions fitted on the fit split's harmful prompts the original model refuses."""
+    fit = ctx.prompts.harmful.fit
+    verdicts = ctx.refusal_scorer(fit, ctx.settings.decided_after).evaluate()
+    refused = [text for text, refusal in zip(fit, verdicts.refused, strict=True) if refusal]
+    size = ctx.batch_size
+    harmful = mean_residuals(ctx.loaded, ctx.model_map, refused, batch_size=size)
+    harmless = mean_residuals(ctx.loaded, ctx.model_map, ctx.prompts.harmless.fit, batch_size=size)
+    projected = ctx.settings.projected_directions
+    return compute_directions(harmful, harmless, projected=projected), len(refused), len(fit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="The run folder (study.db).")
+    parser.add_argument("--edits", required=True, help="DIRECTIONS:TRIALxSCALE, comma-separated.")
+    parser.add_argument("--first", type=int, default=100, help="First public prompt used.")
+    parser.add_argument("--count", type=int, default=100, help="Prompts of each kind.")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    edits = parse_edits(args.edits)
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{(args.run / 'study.db').resolve()}"
+    study = optuna.load_study(study_name=None, storage=url)
+    metadata = read_metadata(study, url)
+    known = set(Settings.model_fields)
+    stored = {k: v for k, v in metadata.settings.items() if k in known}
+    settings = Settings(**{**stored, "batch_size": args.batch_size, "quiet": True})
+    ctx = stages.prepare(settings, Console(quiet=True))
+    trials = {
+        t.number: parameters_from_dict(t.user_attrs["result"]["ablation"])
+        for t in study.get_trials()
+        if "result" in t.user_attrs
+    }
+    directions = {"run": metadata.directions}
+    report: dict[str, Any] = {"run": str(args.run), "settings": stored, "edits": {}}
+    if any(source == "refused" for source, _, _ in edits):
+        directions["refused"], kept, total = refused_directions(ctx)
+        report["refused_fit_prompts"] = f"{kept}/{total}"
+        print(f"fit prompts the original refuses: {kept}/{total}", flush=True)
+
+    window = slice(args.first, args.first + args.count)
+    harm = [r["instruction"] for r in json.loads((DATASETS / "harmful_test.json").read_text())]
+    safe = [r["instruction"] for r in json.loads((DATASETS / "harmless_test.json").read_text())]
+    harm, safe = harm[window], safe[window]
+    tokenizer = ctx.loaded.tokenizer
+    kl = KLScorer(ctx.loaded, prompts.render(tokenizer, safe), batch_size=args.batch_size)
+    answers = RefusalScorer(
+        ctx.loaded,
+        prompts.render(tokenizer, harm),
+        markers=settings.refusal_markers,
+        max_new_tokens=settings.max_new_tokens,
+        decided_after=None,
+        batch_size=args.batch_size,
+        stop_at_marker=False,
+    )
+    encoder = bench_models.fetch("minilm")
+    judge = make_judge("semantic", settings.refusal_markers, str(encoder))
+    report["prompts"] = f"harmful_test.json[{window.start}:{window.stop}] and harmless_test"
+    for source, number, factor in [("original", -1, 0.0), *edits]:
+        name = "original" if source == "original" else f"{source}:{number}x{factor}"
+        started = time.perf_counter()
+        if source == "original":
+            result, divergence = answers.evaluate(), 0.0
+        else:
+            edit = Ablation(directions[source], scaled(trials[number], factor))
+            with edit.apply(ctx.model_map):
+                result, divergence = answers.evaluate(), kl.score()
+        requests = [
+            Answer(q, a, i + 1) for i, (q, a) in enumerate(zip(harm, result.responses, strict=True))
+        ]
+        semantic = sum(v.refusal for v in judge.judge(requests))
+        report["edits"][name] = {
+            "marker_refusals": result.count,
+            "semantic_refusals": semantic,
+            "n_prompts": len(harm),
+            "kl_first_token": divergence,
+            "answers": result.responses,
+        }
+        print(
+            f"{name}: markers {result.count}/{len(harm)}, semantic {semantic}/{len(harm)}, "
+            f"KL {divergence:.3f} ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    json.dump(
+        {k: {m: v[m] for m in v if m != "answers"} for k, v in report["edits"].items()}, sys.stdout
+    )
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
