@@ -48,8 +48,8 @@ def confirmed_front(
 ) -> tuple[list[TrialResult], list[TrialResult]]:
     """Every trial and the Pareto front, with the front's refusals counted on whole answers
     (see :mod:`blasphemer.optimization.confirmation`); each count is stored in the study as
-    soon as it is known. Skipped when the search's verdicts were already whole-answer ones or
-    ``--no-confirm-front`` asks so."""
+    soon as it is known. Only with ``--confirm-front``, and only when the search's verdicts
+    were early ones."""
     settings, console = ctx.settings, ctx.console
     early = not settings.exact_verdicts and settings.decided_after < settings.max_new_tokens
     if not settings.confirm_front or not early or not results:

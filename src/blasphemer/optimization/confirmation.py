@@ -4,17 +4,20 @@ During the search a refusal verdict may be *early* (see
 :mod:`blasphemer.evaluation.generation`): an answer with ``decided_after`` clean tokens is called
 compliant, so a trial's refusal count is a lower bound of the count on whole answers. Scoring was
 also cut short for trials that were provably dominated (``dominated_early``): a lower bound too.
-On a real model some refusals come late (measured on Qwen2.5-Coder-0.5B-Instruct: 8 early
-against 18 whole-answer refusals over the same 6 trials x 50 prompts), exactly on the trials
-near the front, so a front built from early counts can hold the wrong trials.
+On a real model the whole-answer count is higher (Qwen2.5-Coder-0.5B-Instruct: 8 early against
+18 whole-answer refusals over the same 6 trials x 50 prompts), mostly because a marker word
+appears inside the requested text ("Hey, I'm so sorry" in a message the user asked for): a
+different rule (Heretic's), not a truer one (``bench/marker_window.py``). ``--confirm-front``
+is for users who want that rule's front without judging every trial in full.
 
-:func:`confirm_front` makes the front exact at the price of a few whole-answer evaluations, not
-one per trial: it scores the front's unconfirmed trials on whole answers, rebuilds the front
+:func:`confirm_front` scores the front's unconfirmed trials on whole answers, rebuilds the front
 with those counts, and repeats until every trial on it is confirmed. The result is the front
 that whole-answer verdicts for every trial would give (modulo arg-max near-ties between batch
 shapes): every count only rises when confirmed, so a trial dominated by a confirmed one under
 its lower bound stays dominated under its true count, and a confirmed trial that no lower
-bound dominates is dominated by no true count either.
+bound dominates is dominated by no true count either. Its cost lies between the front's size
+and every trial (when every count rises, each trial in turn enters the front: measured on the
+CPU preset's 12 Qwen trials, ``bench/results/2026-12-02-confirm-front-qwen.md``).
 
 The counts are kept in the study (a study user attribute, one entry per trial), so a resumed or
 re-opened run does not score a trial twice, and :func:`with_confirmations` applies them wherever
