@@ -26,11 +26,7 @@ from blasphemer.optimization import (
     recommended,
     recommended_held_out,
 )
-from blasphemer.optimization.confirmation import (
-    confirm_front,
-    record_confirmation,
-    stored_confirmations,
-)
+from blasphemer.optimization.confirmation import confirm_front, is_confirmed, record_confirmation
 
 
 @dataclass(eq=False)
@@ -55,7 +51,6 @@ def confirmed_front(
     if not settings.confirm_front or not early or not results:
         return results, pareto_front(results)
     scorer = ctx.refusal_scorer(ctx.prompts.harmful.select)
-    done = stored_confirmations(study)
 
     def score(result: TrialResult) -> tuple[int, int]:
         assert result.parameters is not None
@@ -71,13 +66,14 @@ def confirmed_front(
             f"(search, early verdicts: {early_count})"
         )
 
-    pending = [r for r in pareto_front(results) if r.early_refusals is None]
+    # ``results`` come from completed_results: counts stored by an earlier run are applied.
+    pending = [r for r in pareto_front(results) if not is_confirmed(r)]
     if pending:
         console.info(
             f"judging the front again on whole answers ({settings.max_new_tokens} tokens), "
             f"starting with {len(pending)} trial(s)"
         )
-    return confirm_front(results, score, confirmed=done, on_confirmed=store)
+    return confirm_front(results, score, on_confirmed=store)
 
 
 def held_out(
