@@ -161,6 +161,13 @@ class Settings(BaseSettings):
         "markers, the semantic judge (a sentence encoder and a trained head; answers are then "
         "generated in full, never cut at a marker), or both counts side by side.",
     )
+    search_judge: Literal["markers", "semantic"] = Field(
+        "markers",
+        description="How the search counts a trial's refusals on the select split: the markers "
+        "on early-stopped answers, or the semantic judge on whole answers (slower: no early "
+        "stop, no pruning; it keeps finding declines without a marker word once markers are "
+        "gone).",
+    )
     judge_encoder: str = Field(
         "sentence-transformers/all-MiniLM-L6-v2",
         description="The semantic judge's encoder: a hub id or a local folder holding "
@@ -183,6 +190,11 @@ class Settings(BaseSettings):
     )
 
     # --- optimisation -----------------------------------------------------------------------
+    max_weight_range: list[float] = Field(
+        [0.8, 1.5],
+        description="Lowest and highest peak weight a trial may give a component's edit "
+        "(1 removes the direction once; more overshoots, which real models may need).",
+    )
     n_trials: int = Field(100, ge=1, description="Trial budget of the study.")
     n_startup_trials: int = Field(20, ge=1, description="Random trials before TPE takes over.")
     seed: int = Field(0, description="Seed of the optimiser.")
@@ -236,10 +248,24 @@ class Settings(BaseSettings):
             raise ValueError(f"dtypes must be a non-empty list of {sorted(allowed)}, got {value}")
         return value
 
+    @field_validator("max_weight_range")
+    @classmethod
+    def _weight_range(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not 0 <= value[0] <= value[1]:
+            raise ValueError(
+                f"max_weight_range must be two numbers LOW HIGH with 0 <= LOW <= HIGH, got {value}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.grace_period <= self.heartbeat_interval:
             raise ValueError("grace_period must be larger than heartbeat_interval")
+        if self.search_judge != "markers" and self.confirm_front:
+            raise ValueError(
+                "confirm_front re-judges by markers; with search_judge semantic the search "
+                "already reads whole answers: drop one of them"
+            )
         if self.decided_after > self.max_new_tokens:
             if "decided_after" in self.model_fields_set:
                 raise ValueError("decided_after must not exceed max_new_tokens")

@@ -21,9 +21,9 @@ from blasphemer.errors import DatasetError
 from blasphemer.evaluation import KLScorer, RefusalScorer, ScorerContext, load_scorers
 from blasphemer.evaluation.base import Scorer
 from blasphemer.evaluation.batching import BatchChoice
+from blasphemer.evaluation.judged import JudgedRefusalScorer, judge_responses
 from blasphemer.evaluation.judges import make_judge
-from blasphemer.evaluation.judging import Answer, Judge
-from blasphemer.evaluation.markers import strip_response_prefix
+from blasphemer.evaluation.judging import Judge
 from blasphemer.evaluation.refusals import RefusalResult
 from blasphemer.loading import LoadedModel
 from blasphemer.optimization.fingerprint import build_fingerprint, model_digest
@@ -40,7 +40,8 @@ class PromptSplits:
     fit: list[str]
     select: list[str]
     report: list[str]
-    report_prompts: list[str]  # the raw report requests, for sample answers
+    report_prompts: list[str]  # the raw report requests, for sample answers and the judge
+    select_prompts: list[str]  # the raw select requests, for a judge in the search
     fingerprint: str
 
 
@@ -111,7 +112,14 @@ def load_prompts(settings: Settings, tokenizer: Any) -> Prompts:
         texts = [p.text for group in parts for p in group]
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
         fit, select, report = rendered
-        return PromptSplits(fit, select, report, [p.text for p in parts[2]], digest)
+        return PromptSplits(
+            fit,
+            select,
+            report,
+            report_prompts=[p.text for p in parts[2]],
+            select_prompts=[p.text for p in parts[1]],
+            fingerprint=digest,
+        )
 
     harmful, harmless = select_prompts(settings)
     return Prompts(build(harmful), build(harmless))
@@ -119,7 +127,7 @@ def load_prompts(settings: Settings, tokenizer: Any) -> Prompts:
 
 @dataclass(eq=False)
 class Scorers:
-    refusals: RefusalScorer
+    refusals: RefusalScorer | JudgedRefusalScorer
     kl: KLScorer
     extra: list[Scorer]
 
@@ -147,7 +155,8 @@ class RunContext:
         ``decided_after=None`` judges full-length answers. A refusal marker ends its answer
         early (the marker verdict is the same, the work smaller), except in answers
         ``for_judge`` when ``--judge`` asks the semantic judge to read them: it needs them
-        whole. The optimiser's scorers never are: it scores by markers alone."""
+        whole (the search's, with ``--search-judge semantic``, are built in
+        :meth:`select_scorers`)."""
         return RefusalScorer(
             self.loaded,
             texts,
@@ -159,8 +168,9 @@ class RunContext:
         )
 
     def semantic_judge(self) -> Judge | None:
-        """The semantic judge when ``--judge`` asks for it (built once), else None."""
-        if self.settings.judge == "markers":
+        """The semantic judge when ``--judge`` or ``--search-judge`` asks for it (built once),
+        else None."""
+        if self.settings.judge == "markers" and self.settings.search_judge == "markers":
             return None
         if self._semantic is None:
             self._semantic = make_judge(
@@ -172,15 +182,29 @@ class RunContext:
         self, scorer: RefusalScorer, result: RefusalResult, prompts: list[str]
     ) -> int | None:
         """How many of ``result``'s answers (to the raw ``prompts``) the semantic judge calls
-        refusals; None when it is not asked for."""
+        refusals; None when ``--judge`` does not ask for it."""
         judge = self.semantic_judge()
-        if judge is None:
+        if judge is None or self.settings.judge == "markers":
             return None
-        answers = [
-            Answer(prompt, strip_response_prefix(text, scorer.response_prefix), index + 1)
-            for index, (prompt, text) in enumerate(zip(prompts, result.responses, strict=True))
-        ]
-        return sum(v.refusal for v in judge.judge(answers))
+        return sum(judge_responses(judge, prompts, result.responses, scorer.response_prefix))
+
+    def search_refusals(self, decided_after: int | None) -> RefusalScorer | JudgedRefusalScorer:
+        """The search's refusal count on the select split: markers on answers that stop once
+        decided, or with ``--search-judge semantic`` the semantic judge on whole answers."""
+        harmful = self.prompts.harmful
+        judge = self.semantic_judge() if self.settings.search_judge == "semantic" else None
+        if judge is None:
+            return self.refusal_scorer(harmful.select, decided_after)
+        whole = RefusalScorer(
+            self.loaded,
+            harmful.select,
+            markers=self.settings.refusal_markers,
+            max_new_tokens=self.settings.max_new_tokens,
+            decided_after=None,
+            batch_size=self.batch_size,
+            stop_at_marker=False,
+        )
+        return JudgedRefusalScorer(whole, judge, harmful.select_prompts)
 
     def kl_scorer(self, texts: list[str]) -> KLScorer:
         """KL from the run's model as it is now (unedited) on ``texts``, as the settings say."""
@@ -203,15 +227,18 @@ class RunContext:
             markers=settings.refusal_markers,
         )
         return Scorers(
-            self.refusal_scorer(prompts.harmful.select, decided_after),
+            self.search_refusals(decided_after),
             self.kl_scorer(prompts.harmless.select),
             load_scorers([str(p) for p in settings.scorers], context),
         )
 
     def search_space(self) -> SearchSpace:
         """The parameters trials draw, for this model's layers and the settings."""
+        low, high = self.settings.max_weight_range
         return SearchSpace.build(
-            self.model_map.n_layers, norm_preserving=self.settings.norm_preserving
+            self.model_map.n_layers,
+            max_weight=(low, high),
+            norm_preserving=self.settings.norm_preserving,
         )
 
     def fingerprint(self) -> dict[str, Any]:

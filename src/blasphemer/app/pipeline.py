@@ -88,7 +88,14 @@ def _run(settings: Settings, console: Console) -> RunResult:
     console.stage(6, STAGES, "Measuring the original model (select split)")
     scorers = ctx.select_scorers()
     baseline = scorers.refusals.evaluate()
-    console.info(f"original model refuses {baseline.rate:.1%} of the harmful select prompts")
+    judged_by = (
+        "the semantic judge, whole answers"
+        if settings.search_judge == "semantic"
+        else "markers, early verdicts"
+    )
+    console.info(
+        f"original model refuses {baseline.rate:.1%} of the harmful select prompts ({judged_by})"
+    )
 
     clock.lap("baseline")
     console.stage(7, STAGES, "Opening the study")
