@@ -6,10 +6,11 @@
 Reads the public benchmark sets in ``../shared/datasets/refusal_direction/`` (JailbreakBench,
 HarmBench and StrongREJECT prompts in ``harmful_test.json``; Alpaca in ``harmless_test.json``),
 which Blasphemer's bundled prompt sets do not contain. Both models answer greedily with the
-chat template's own default system prompt; each answer is judged by Blasphemer's marker rule,
-and the first-token KL divergence of the edited model from the original is measured on the
-harmless prompts. Writes one JSON line per prompt (prompt, both answers, both marker verdicts)
-to ``--out`` for reading and labelling by hand, and prints a summary.
+chat template's own default system prompt; each answer is judged by Blasphemer's marker rule
+and by its semantic judge (the fetched all-MiniLM-L6-v2 encoder), and the first-token KL
+divergence of the edited model from the original is measured on the harmless prompts. Writes
+one JSON line per prompt (prompt, both answers, their marker and semantic verdicts) to
+``--out`` for reading and labelling by hand, and prints a summary.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 import models as bench_models
 from blasphemer import prompts
 from blasphemer.evaluation import KLScorer, RefusalScorer
+from blasphemer.evaluation.judged import judge_responses
+from blasphemer.evaluation.judges import make_judge
 from blasphemer.loading import LoadedModel, load_model
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "refusal_direction"
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     original_id = args.original or str(bench_models.fetch("qwen"))
+    judge = make_judge("semantic", encoder=str(bench_models.fetch("minilm", log=False)))
     requests = {
         "harmful": _instructions("harmful_test.json", args.harmful),
         "harmless": _instructions("harmless_test.json", args.harmless),
@@ -78,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                     rows[kind].append({"set": kind, "prompt": requests[kind][index]})
                 rows[kind][index][role] = answer
                 rows[kind][index][f"{role}_marker_refusal"] = refused
+            semantic = judge_responses(judge, requests[kind], result.responses)
+            for index, refused in enumerate(semantic):
+                rows[kind][index][f"{role}_semantic_refusal"] = refused
             summary[f"{role}_{kind}_marker_refusals"] = f"{result.count}/{len(result.refused)}"
+            summary[f"{role}_{kind}_semantic_refusals"] = f"{sum(semantic)}/{len(semantic)}"
         summary[f"{role}_seconds"] = round(time.perf_counter() - start, 1)
         del loaded
     args.out.parent.mkdir(parents=True, exist_ok=True)
