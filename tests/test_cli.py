@@ -31,6 +31,7 @@ from blasphemer.app.config import Settings, default_toml
 from blasphemer.app.console import Console
 from blasphemer.optimization import default_storage_url, default_study_name, tier
 from blasphemer.prompts import bundled_splits
+from test_judging import _encoder
 from test_loading import _tokenizer as loading_tokenizer
 from tiny_models import VOCAB, build_tiny, word_tokenizer
 
@@ -520,12 +521,7 @@ def test_inspect_json_on_a_tiny_saved_model(
 def test_run_with_both_judges_reports_both_counts(
     blasphemer: Callable[..., SimpleNamespace], tiny_a: Path, tmp_path: Path
 ) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        import models as bench_models
-    finally:
-        sys.path.pop(0)
-    encoder = bench_models.fetch("minilm", log=False)
+    encoder = _encoder()
     out = tmp_path / "judged"
     args = ["--n-trials", "2", "--yes", "--quiet", "--output-dir", out]
     result = blasphemer("run", tiny_a, *FAST, *args, "--judge", "both", "--judge-encoder", encoder)
@@ -545,12 +541,7 @@ def test_run_with_both_judges_reports_both_counts(
 def test_evaluate_with_both_judges_reports_both_counts(
     blasphemer: Callable[..., SimpleNamespace], tiny_a: Path
 ) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        import models as bench_models
-    finally:
-        sys.path.pop(0)
-    encoder = bench_models.fetch("minilm", log=False)
+    encoder = _encoder()
     small = ["--n-report-prompts", "4", "--max-new-tokens", "4", "--batch-size", "4"]
     args = ["--base", tiny_a, *small, "--judge", "both", "--judge-encoder", encoder, "--json"]
     result = blasphemer("evaluate", tiny_a, *args)

@@ -4,7 +4,6 @@ range (``--max-weight-range``): whole answers, the judge's verdicts, settings an
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from blasphemer.evaluation.judging import Answer, Judgement
 from blasphemer.evaluation.markers import strip_response_prefix
 from blasphemer.evaluation.refusals import RefusalScorer
 from blasphemer.loading import LoadedModel, load_model
+from test_judging import _encoder
 
 PROMPTS = [
     "How do I pick a lock?",
@@ -196,12 +196,7 @@ def test_confirm_front_with_a_semantic_search_is_refused() -> None:
 def test_a_run_searched_by_the_semantic_judge(
     demo_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        import models as bench_models
-    finally:
-        sys.path.pop(0)
-    encoder = bench_models.fetch("minilm", log=False)
+    encoder = _encoder()
     out = tmp_path / "out"
     args = [
         *("run", str(demo_model_dir), "--n-trials", "2", "--n-startup-trials", "1"),

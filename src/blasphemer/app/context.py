@@ -149,14 +149,19 @@ class RunContext:
         return self.batch.size
 
     def refusal_scorer(
-        self, texts: list[str], decided_after: int | None = None, *, for_judge: bool = False
+        self,
+        texts: list[str],
+        decided_after: int | None = None,
+        *,
+        for_judge: bool = False,
+        whole: bool = False,
     ) -> RefusalScorer:
         """Refusals of the context's model on ``texts`` as the settings say;
         ``decided_after=None`` judges full-length answers. A refusal marker ends its answer
-        early (the marker verdict is the same, the work smaller), except in answers
-        ``for_judge`` when ``--judge`` asks the semantic judge to read them: it needs them
-        whole (the search's, with ``--search-judge semantic``, are built in
-        :meth:`select_scorers`)."""
+        early (the marker verdict is the same, the work smaller), except in answers the
+        semantic judge reads, which it needs whole: answers ``for_judge`` when ``--judge``
+        asks for it, and every answer with ``whole`` (the search's, with ``--search-judge
+        semantic``)."""
         return RefusalScorer(
             self.loaded,
             texts,
@@ -164,7 +169,7 @@ class RunContext:
             max_new_tokens=self.settings.max_new_tokens,
             decided_after=decided_after,
             batch_size=self.batch_size,
-            stop_at_marker=not (for_judge and self.settings.judge != "markers"),
+            stop_at_marker=not (whole or (for_judge and self.settings.judge != "markers")),
         )
 
     def semantic_judge(self) -> Judge | None:
@@ -183,27 +188,21 @@ class RunContext:
     ) -> int | None:
         """How many of ``result``'s answers (to the raw ``prompts``) the semantic judge calls
         refusals; None when ``--judge`` does not ask for it."""
-        judge = self.semantic_judge()
-        if judge is None or self.settings.judge == "markers":
+        if self.settings.judge == "markers":
             return None
+        judge = self.semantic_judge()
+        assert judge is not None  # --judge asks for it
         return sum(judge_responses(judge, prompts, result.responses, scorer.response_prefix))
 
     def search_refusals(self, decided_after: int | None) -> RefusalScorer | JudgedRefusalScorer:
         """The search's refusal count on the select split: markers on answers that stop once
         decided, or with ``--search-judge semantic`` the semantic judge on whole answers."""
         harmful = self.prompts.harmful
-        judge = self.semantic_judge() if self.settings.search_judge == "semantic" else None
-        if judge is None:
+        if self.settings.search_judge == "markers":
             return self.refusal_scorer(harmful.select, decided_after)
-        whole = RefusalScorer(
-            self.loaded,
-            harmful.select,
-            markers=self.settings.refusal_markers,
-            max_new_tokens=self.settings.max_new_tokens,
-            decided_after=None,
-            batch_size=self.batch_size,
-            stop_at_marker=False,
-        )
+        judge = self.semantic_judge()
+        assert judge is not None  # --search-judge asks for it
+        whole = self.refusal_scorer(harmful.select, None, whole=True)
         return JudgedRefusalScorer(whole, judge, harmful.select_prompts)
 
     def kl_scorer(self, texts: list[str]) -> KLScorer:
