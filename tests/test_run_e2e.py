@@ -306,7 +306,11 @@ def test_confirm_front_gives_the_front_of_exact_verdicts(
         if mode == "--confirm-front":
             assert all(trials[n]["early_refusals"] is not None for n in data["pareto_front"])
             assert "confirm_front" in data["timings_s"] and "on whole answers" in done.out
-    assert fronts["--confirm-front"] == fronts["--exact-verdicts"]
+    confirmed, exact = fronts["--confirm-front"], fronts["--exact-verdicts"]
+    assert [(n, r) for n, r, _ in confirmed] == [(n, r) for n, r, _ in exact]
+    # Same trials and verdicts; the KL agrees to float32 rounding (CI's CPU summed one batch in a
+    # different order and moved the 7th digit).
+    assert [kl for *_, kl in confirmed] == pytest.approx([kl for *_, kl in exact], rel=1e-5)
 
 
 def test_demo_runs_end_to_end_in_a_fresh_folder(demo_model_dir: Path, tmp_path: Path) -> None:
