@@ -2,6 +2,7 @@
 
     python bench/trial_passes.py --out bench/results/DATE-trial-passes.json
     python bench/trial_passes.py --prompts 16 --repeats 1        # a quick look
+    python bench/trial_passes.py --lever layers --edits 6 --out bench/results/DATE-layer-cache.json
 
 A trial scores an edit twice: the KL pass (first-token log-probs on the harmless select prompts)
 and the refusal pass (greedy answers to the harmful select prompts, stopped once decided). This
@@ -10,6 +11,12 @@ runs both on the fetched Qwen2.5-Coder-0.5B-Instruct under one fixed edit (direc
 the shared-prefix cache off and on, in alternating order over ``--repeats`` rounds, and prints
 the median seconds of each and their ratio. It also checks that both settings give the same
 verdicts and KL values within float32 rounding, so a faster setting that changed results shows.
+
+``--lever layers`` compares the shared prefix alone with the shared prefix plus the layer cache
+(:mod:`blasphemer.evaluation.frozen`, which replays the layers below an edit's first edited
+layer). What that saves depends on where the edit starts, so it times ``--edits`` edits drawn
+at random from the default search space (seed 0, as a study's start-up trials are), and checks
+that verdicts and KL values are equal bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
+from optuna.samplers import RandomSampler
 
 import models as bench_models
 from answers import _instructions
@@ -31,8 +40,10 @@ from blasphemer.ablation import AblationParameters, ComponentKind, KernelParamet
 from blasphemer.directions import compute_directions
 from blasphemer.editing import Ablation
 from blasphemer.evaluation import KLScorer, RefusalScorer
+from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.prefix import split_prefix
 from blasphemer.loading import load_model
+from blasphemer.optimization.search_space import SearchSpace
 from blasphemer.residuals import mean_residuals
 
 
@@ -44,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decided-after", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lever", choices=("prefix", "layers"), default="prefix")
+    parser.add_argument("--edits", type=int, default=6, help="With --lever layers.")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.lever == "layers":
+        return layer_cache_bench(args)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
@@ -133,6 +148,114 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "kl_max_abs_difference": float((kl_whole - kl_shared).abs().max()),
         "kl_mean": [float(kl_whole.mean()), float(kl_shared.mean())],
+    }
+    print(json.dumps(report, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def layer_cache_bench(args: argparse.Namespace) -> int:
+    """``--lever layers``: the shared prefix with and without the layer cache, over edits drawn
+    from the search space."""
+    loaded = load_model(str(bench_models.fetch("qwen")), dtypes=["float32"], device_map="cpu")
+    model_map = architectures.resolve(loaded.model)
+    harmful = prompts.render(loaded.tokenizer, _instructions("harmful_test.json", args.prompts))
+    harmless = prompts.render(loaded.tokenizer, _instructions("harmless_test.json", args.prompts))
+    fit = {
+        kind: prompts.render(loaded.tokenizer, _instructions(f"{kind}_test.json", 300)[-32:])
+        for kind in ("harmful", "harmless")
+    }
+    residuals = {
+        kind: mean_residuals(loaded, model_map, texts, batch_size=args.batch_size)
+        for kind, texts in fit.items()
+    }
+    directions = compute_directions(residuals["harmful"], residuals["harmless"], projected=True)
+    space = SearchSpace.build(model_map.n_layers)
+    study = optuna.create_study(directions=["minimize"] * 2, sampler=RandomSampler(seed=0))
+    edits = [space.sample(study.ask()) for _ in range(args.edits)]
+
+    layers = loaded.model.get_submodule(model_map.layers_path)
+    assert isinstance(layers, torch.nn.ModuleList)
+    setup: dict[str, float] = {}
+    scorers: dict[str, tuple[KLScorer, RefusalScorer, LayerCache | None]] = {}
+    caches: list[LayerCache] = []
+    for name, cached in (("shared prefix", False), ("shared prefix + layer cache", True)):
+        pair = [LayerCache(layers, loaded.model.get_input_embeddings()) for _ in range(2)]
+        kl_cache, refusal_cache = pair if cached else (None, None)
+        started = time.perf_counter()
+        kl = KLScorer(loaded, harmless, batch_size=args.batch_size, layer_cache=kl_cache)
+        refusals = RefusalScorer(
+            loaded,
+            harmful,
+            max_new_tokens=args.tokens,
+            decided_after=args.decided_after,
+            batch_size=args.batch_size,
+            layer_cache=refusal_cache,
+        )
+        setup[name] = time.perf_counter() - started
+        scorers[name] = (kl, refusals, refusal_cache)
+        caches += pair if cached else []
+    mib = sum(c.bytes for c in caches) / 2**20
+    print(f"layer caches: {mib:.0f} MiB, strides {[c.stride for c in caches]}", flush=True)
+
+    rows = []
+    for number, parameters in enumerate(edits):
+        times: dict[str, dict[str, list[float]]] = {n: {"kl": [], "refusals": []} for n in scorers}
+        results: dict[str, Any] = {}
+        replayed: set[int] = set()
+        with Ablation(directions, parameters).apply(model_map) as handle:
+            first = min(int(path.split(".")[2]) for path, _ in handle.edited)
+            for round_ in range(args.repeats):
+                order = list(scorers) if (round_ + number) % 2 == 0 else list(reversed(scorers))
+                for name in order:
+                    kl, refusals, layer_cache = scorers[name]
+                    seen = 0 if layer_cache is None else len(layer_cache.replayed_layers)
+                    started = time.perf_counter()
+                    divergence = kl.per_prompt()
+                    times[name]["kl"].append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    verdicts = refusals.evaluate()
+                    times[name]["refusals"].append(time.perf_counter() - started)
+                    results[name] = (divergence, [v.tokens for v in verdicts.verdicts])
+                    if layer_cache is not None:
+                        replayed.update(layer_cache.replayed_layers[seen:])
+        medians = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+        (kl_a, tokens_a), (kl_b, tokens_b) = results.values()
+        base, lever = medians.values()
+        row = {
+            "edit": number,
+            "first_edited_layer": first,
+            "replayed_layers": sorted(replayed),  # by the refusal pass's prefills
+            "median_seconds": medians,
+            "ratio_trial": sum(lever.values()) / sum(base.values()),
+            "answers_differing": sum(a != b for a, b in zip(tokens_a, tokens_b, strict=True)),
+            "kl_bit_equal": bool(torch.equal(kl_a, kl_b)),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    totals = {
+        name: sum(sum(row["median_seconds"][name].values()) for row in rows) for name in scorers
+    }
+    base_total, lever_total = totals.values()
+    report = {
+        "model": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "lever": "layer cache (with the shared prefix in both)",
+        "prompts": args.prompts,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.tokens,
+        "decided_after": args.decided_after,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "edits": len(rows),
+        "layers": model_map.n_layers,
+        "setup_seconds": setup,
+        "cache_mib": mib,
+        "cache_strides": [c.stride for c in caches],
+        "rows": rows,
+        "ratio_all_edits": lever_total / base_total,
     }
     print(json.dumps(report, indent=2))
     if args.out is not None:

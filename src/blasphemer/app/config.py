@@ -155,6 +155,12 @@ class Settings(BaseSettings):
         ge=1,
         description="KL over this many positions of the original greedy answer (1 = first token).",
     )
+    layer_cache_mib: int = Field(
+        1024,
+        ge=0,
+        description="Memory (MiB, per prompt set) for recording the layers below an edit once "
+        "and replaying them in every trial instead of running them again (exact; 0 = off).",
+    )
     judge: Literal["markers", "semantic", "both"] = Field(
         "markers",
         description="How held-out answers (and evaluate's, and judge's) are judged: the refusal "

@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from blasphemer import prompts as prompt_sets
 from blasphemer.app.config import Settings
 from blasphemer.app.console import Console
@@ -21,6 +23,7 @@ from blasphemer.errors import DatasetError
 from blasphemer.evaluation import KLScorer, RefusalScorer, ScorerContext, load_scorers
 from blasphemer.evaluation.base import Scorer
 from blasphemer.evaluation.batching import BatchChoice
+from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.judged import JudgedRefusalScorer, judge_responses
 from blasphemer.evaluation.judges import make_judge
 from blasphemer.evaluation.judging import Judge
@@ -131,6 +134,24 @@ class Scorers:
     kl: KLScorer
     extra: list[Scorer]
 
+    def layer_cache_note(self) -> str | None:
+        """One line on the trials' layer caches (None when ``--layer-cache-mib 0``)."""
+        refusals = self.refusals
+        scorer = refusals.scorer if isinstance(refusals, JudgedRefusalScorer) else refusals
+        caches = [c for c in (self.kl.layer_cache, scorer.layer_cache) if c is not None]
+        if not caches:
+            return None
+        off = [c.why_off for c in caches if not c.enabled]
+        if off:
+            return f"layer cache off: {off[0]}; every trial runs every layer"
+        mib = sum(c.bytes for c in caches) / 2**20
+        stride = max(c.stride for c in caches)
+        every = "" if stride == 1 else f" (kept every {stride} layers)"
+        return (
+            f"layer cache: {mib:.0f} MiB recorded{every}; trials skip the layers below "
+            "their first edited layer"
+        )
+
 
 @dataclass(eq=False)
 class RunContext:
@@ -155,13 +176,15 @@ class RunContext:
         *,
         for_judge: bool = False,
         whole: bool = False,
+        every_trial: bool = False,
     ) -> RefusalScorer:
         """Refusals of the context's model on ``texts`` as the settings say;
         ``decided_after=None`` judges full-length answers. A refusal marker ends its answer
         early (the marker verdict is the same, the work smaller), except in answers the
         semantic judge reads, which it needs whole: answers ``for_judge`` when ``--judge``
         asks for it, and every answer with ``whole`` (the search's, with ``--search-judge
-        semantic``)."""
+        semantic``). A scorer used ``every_trial`` records the unedited prefills once for the
+        layer cache."""
         return RefusalScorer(
             self.loaded,
             texts,
@@ -170,6 +193,7 @@ class RunContext:
             decided_after=decided_after,
             batch_size=self.batch_size,
             stop_at_marker=not (whole or (for_judge and self.settings.judge != "markers")),
+            layer_cache=self._layer_cache() if every_trial else None,
         )
 
     def semantic_judge(self) -> Judge | None:
@@ -199,17 +223,33 @@ class RunContext:
         decided, or with ``--search-judge semantic`` the semantic judge on whole answers."""
         harmful = self.prompts.harmful
         if self.settings.search_judge == "markers":
-            return self.refusal_scorer(harmful.select, decided_after)
+            return self.refusal_scorer(harmful.select, decided_after, every_trial=True)
         judge = self.semantic_judge()
         assert judge is not None  # --search-judge asks for it
-        whole = self.refusal_scorer(harmful.select, None, whole=True)
+        whole = self.refusal_scorer(harmful.select, None, whole=True, every_trial=True)
         return JudgedRefusalScorer(whole, judge, harmful.select_prompts)
 
-    def kl_scorer(self, texts: list[str]) -> KLScorer:
-        """KL from the run's model as it is now (unedited) on ``texts``, as the settings say."""
+    def kl_scorer(self, texts: list[str], *, every_trial: bool = False) -> KLScorer:
+        """KL from the run's model as it is now (unedited) on ``texts``, as the settings say;
+        a scorer used ``every_trial`` records the prefills for the layer cache."""
         return KLScorer(
-            self.loaded, texts, batch_size=self.batch_size, positions=self.settings.kl_positions
+            self.loaded,
+            texts,
+            batch_size=self.batch_size,
+            positions=self.settings.kl_positions,
+            layer_cache=self._layer_cache() if every_trial else None,
         )
+
+    def _layer_cache(self) -> LayerCache | None:
+        """A fresh layer cache for one prompt set (None when ``--layer-cache-mib 0``)."""
+        budget = self.settings.layer_cache_mib << 20
+        if budget == 0:
+            return None
+        layers = self.loaded.model.get_submodule(self.model_map.layers_path)
+        embeddings = self.loaded.model.get_input_embeddings()
+        if not isinstance(layers, nn.ModuleList) or not isinstance(embeddings, nn.Module):
+            return None
+        return LayerCache(layers, embeddings, budget_bytes=budget)
 
     def select_scorers(self) -> Scorers:
         """Scorers on the *select* split; call while the model is unedited (KL caches the
@@ -227,7 +267,7 @@ class RunContext:
         )
         return Scorers(
             self.search_refusals(decided_after),
-            self.kl_scorer(prompts.harmless.select),
+            self.kl_scorer(prompts.harmless.select, every_trial=True),
             load_scorers([str(p) for p in settings.scorers], context),
         )
 

@@ -96,6 +96,9 @@ def _run(settings: Settings, console: Console) -> RunResult:
     console.info(
         f"original model refuses {baseline.rate:.1%} of the harmful select prompts ({judged_by})"
     )
+    note = scorers.layer_cache_note()
+    if note is not None:
+        console.info(note)
 
     clock.lap("baseline")
     console.stage(7, STAGES, "Opening the study")

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.markers import (
     RefusalMarkers,
     has_content,
@@ -183,6 +184,8 @@ class _Batch:
     more per new token; the attention mask is dropped altogether when nothing is padded. With a
     shared ``prefix`` (see :mod:`blasphemer.evaluation.prefix`) ``prompts`` are what follows it:
     the cache starts with the prefix, the mask has its columns first, positions start after it.
+    With a ``layer_cache`` the prefill is recorded or replayed under ``key`` (see
+    :mod:`blasphemer.evaluation.frozen`).
     """
 
     def __init__(
@@ -193,8 +196,12 @@ class _Batch:
         pad_id: int,
         max_new_tokens: int,
         prefix: PrefixState | None = None,
+        layer_cache: LayerCache | None = None,
+        key: Any = None,
     ) -> None:
         self.model = model
+        self.layer_cache = layer_cache
+        self.key = key
         self.spec = spec
         self.device = input_device(model)
         # The mask has room for every new token: a step uses a view of its first `length` columns.
@@ -211,7 +218,9 @@ class _Batch:
             mask = with_prefix_columns(mask, prefix)
         self.mask = mask.to(self.device) if padded else None
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, prefill: bool = False
+    ) -> torch.Tensor:
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "use_cache": True,
@@ -223,7 +232,10 @@ class _Batch:
             kwargs["position_ids"] = positions
         if self.spec.logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        output = self.model(**kwargs)
+        if prefill and self.layer_cache is not None:
+            output = self.layer_cache.run(self.key, lambda: self.model(**kwargs))
+        else:
+            output = self.model(**kwargs)
         cache = output.get("cache")
         self.cache = cache if cache is not None else output.get("past_key_values")
         # Logits may come out on another device than the embeddings (device_map="auto").
@@ -231,7 +243,7 @@ class _Batch:
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; return the first new token of every row (on the model's device)."""
-        next_tokens = self._forward(self.prompt_ids, self.positions)
+        next_tokens = self._forward(self.prompt_ids, self.positions, prefill=True)
         self.positions = self.positions[:, -1:]
         return next_tokens
 
@@ -325,6 +337,7 @@ def generate_verdicts(
     on_batch: Callable[[int], None] | None = None,
     should_stop: Callable[[int, int], bool] | None = None,
     share_prefix: bool = True,
+    layer_cache: LayerCache | None = None,
 ) -> list[Verdict]:
     """Greedy answers to token-id ``prompts``, each judged and stopped as early as allowed.
 
@@ -336,7 +349,9 @@ def generate_verdicts(
     prompts so far; when it answers True the remaining prompts are not generated and get
     :attr:`StopReason.SKIPPED` verdicts (``refused=False``), so the refusal count is a lower bound.
     ``share_prefix`` runs the prompts' shared leading tokens once (see :func:`shared_prefix`).
-    Returns one :class:`Verdict` per prompt, in order.
+    ``layer_cache`` records every batch's prefill the first time and replays it below the
+    unchanged layers after (:mod:`blasphemer.evaluation.frozen`); pass the same prompts and
+    ``batch_size`` every time. Returns one :class:`Verdict` per prompt, in order.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -364,9 +379,22 @@ def generate_verdicts(
 
     with torch.inference_mode():
         suffixes, prefix = shared_prefix(model, spec, prompts, share_prefix, max_new_tokens)
-        for indices in length_sorted_batches([len(p) for p in suffixes], batch_size):
+        batches = length_sorted_batches([len(p) for p in suffixes], batch_size)
+        if layer_cache is not None:
+            layer_cache.plan(sum(len(b) * max(len(suffixes[i]) for i in b) for b in batches))
+        for indices in batches:
             batch_prompts = [suffixes[i] for i in indices]
-            batch = _Batch(model, spec, batch_prompts, pad_id, max_new_tokens, prefix)
+            batch = _Batch(
+                model,
+                spec,
+                batch_prompts,
+                pad_id,
+                max_new_tokens,
+                prefix,
+                layer_cache,
+                # The layout too: a prefix that cannot be shared for longer answers changes it.
+                (tuple(indices), 0 if prefix is None else prefix.length, len(suffixes[indices[0]])),
+            )
             active = [rows[i] for i in indices]
             next_tokens = batch.prefill()
             for step in range(max_new_tokens):

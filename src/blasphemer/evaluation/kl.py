@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.generation import (
     ForwardSpec,
     ModelLike,
@@ -59,7 +60,9 @@ class KLScorer:
     """Mean KL(original ‖ current) of next-token distributions on ``texts``. Lower is better.
 
     ``texts`` are chat-rendered prompts. Construction runs the model, which must be unedited;
-    ``cache_device`` holds the original log-probs (default: where the logits come out).
+    ``cache_device`` holds the original log-probs (default: where the logits come out). A
+    ``layer_cache`` records each batch then, and later passes replay the layers an edit left
+    unchanged (:mod:`blasphemer.evaluation.frozen`).
     """
 
     name = "kl_divergence"
@@ -73,9 +76,11 @@ class KLScorer:
         positions: int = 1,
         cache_device: torch.device | str | None = None,
         share_prefix: bool = True,
+        layer_cache: LayerCache | None = None,
     ) -> None:
         if not texts:
             raise ValueError("KLScorer needs at least one prompt")
+        self.layer_cache = layer_cache
         if positions < 1:
             raise ValueError(f"positions must be at least 1, got {positions}")
         self.loaded = loaded
@@ -104,7 +109,11 @@ class KLScorer:
             )
         self._prefix = () if prefix is None else tuple(prompts[0][: prefix.length])
         self._span = max(len(prompt) for prompt in prompts) + positions - 1
-        for indices in length_sorted_batches([len(p) for p in suffixes], batch_size):
+        batches = length_sorted_batches([len(p) for p in suffixes], batch_size)
+        if layer_cache is not None:
+            widths = [max(len(suffixes[i]) for i in b) + positions - 1 for b in batches]
+            layer_cache.plan(sum(len(b) * w for b, w in zip(batches, widths, strict=True)))
+        for indices in batches:
             ids, mask, position_ids = left_pad(
                 [suffixes[i] + continuations[i] for i in indices], pad_id
             )
@@ -114,7 +123,9 @@ class KLScorer:
             if prefix is not None:
                 position_ids = position_ids + prefix.length
             ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
-            original = self._log_probs(ids, mask if padded else None, position_ids, prefix)
+            original = self._log_probs(
+                ids, mask if padded else None, position_ids, prefix, len(self._batches)
+            )
             if self.cache_device is not None:
                 original = original.to(self.cache_device)
             self._batches.append(
@@ -128,9 +139,14 @@ class KLScorer:
         mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         prefix: PrefixState | None,
+        key: int,
     ) -> torch.Tensor:
-        """float32 log-probs ``[B, positions, V]`` at the scored positions."""
-        kwargs: dict[str, object] = {"input_ids": ids, "use_cache": False}
+        """float32 log-probs ``[B, positions, V]`` at the scored positions of batch ``key``."""
+        # The layer cache records (and replays) keys and values: the pass must keep a cache.
+        kwargs: dict[str, object] = {
+            "input_ids": ids,
+            "use_cache": self.layer_cache is not None,
+        }
         if prefix is not None:
             kwargs["use_cache"] = True
             kwargs[self._spec.cache_argument] = prefix.for_batch(ids.shape[0])
@@ -140,8 +156,13 @@ class KLScorer:
             kwargs["position_ids"] = position_ids
         if self._spec.logits_to_keep:
             kwargs["logits_to_keep"] = self.positions
+        model = self.loaded.model
         with torch.inference_mode():
-            logits = self.loaded.model(**kwargs).logits[:, -self.positions :, :]
+            if self.layer_cache is None:
+                output = model(**kwargs)
+            else:
+                output = self.layer_cache.run(key, lambda: model(**kwargs))
+            logits = output.logits[:, -self.positions :, :]
             return torch.log_softmax(logits.float(), dim=-1)
 
     def per_prompt(self) -> torch.Tensor:
@@ -152,9 +173,9 @@ class KLScorer:
             prefix = PrefixState.compute(
                 model, self._prefix, self._spec.cache_argument, input_device(model), self._span
             )
-        for batch in self._batches:
+        for key, batch in enumerate(self._batches):
             edited = self._log_probs(
-                batch.input_ids, batch.attention_mask, batch.position_ids, prefix
+                batch.input_ids, batch.attention_mask, batch.position_ids, prefix, key
             )
             divergence = kl_divergence(batch.original, edited).float().cpu()  # [B, k]
             per_prompt = (divergence * batch.valid).sum(-1) / batch.valid.sum(-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.generation import (
     ModelLike,
     StopReason,
@@ -64,7 +65,9 @@ class RefusalScorer:
     preserves). ``response_prefix=None`` detects template text shared by every answer with the
     model as it is at construction (unedited); pass ``""`` to judge answers whole.
     ``share_prefix`` runs the prompts' shared chat-template prefix once per pass
-    (:mod:`blasphemer.evaluation.prefix`).
+    (:mod:`blasphemer.evaluation.prefix`). A ``layer_cache`` records every batch's prefill here
+    (the model must be unedited then) and later passes replay the layers an edit left unchanged
+    (:mod:`blasphemer.evaluation.frozen`).
     """
 
     name = "refusals"
@@ -81,9 +84,11 @@ class RefusalScorer:
         response_prefix: str | None = None,
         stop_at_marker: bool = False,
         share_prefix: bool = True,
+        layer_cache: LayerCache | None = None,
     ) -> None:
         if not texts:
             raise ValueError("RefusalScorer needs at least one prompt")
+        self.layer_cache = layer_cache
         self.loaded = loaded
         self.markers = as_markers(markers)
         self.max_new_tokens = max_new_tokens
@@ -95,6 +100,8 @@ class RefusalScorer:
         if response_prefix is None:
             response_prefix = self._detect_prefix()
         self.response_prefix = response_prefix
+        if layer_cache is not None:  # one token per prompt: the prefills are what is recorded
+            self._generate(max_new_tokens=1)
 
     def _detect_prefix(self) -> str:
         """Common template prefix of the greedy answers to the first few prompts."""
@@ -128,12 +135,27 @@ class RefusalScorer:
         :func:`~blasphemer.evaluation.generation.generate_verdicts`); the result is then
         :attr:`RefusalResult.partial` and its ``rate`` a lower bound over all prompts.
         """
-        verdicts = generate_verdicts(
+        verdicts = self._generate(self.max_new_tokens, on_batch, should_stop)
+        refused = [verdict.refused for verdict in verdicts]
+        return RefusalResult(
+            rate=sum(refused) / len(refused),
+            refused=refused,
+            responses=[verdict.text for verdict in verdicts],
+            verdicts=verdicts,
+        )
+
+    def _generate(
+        self,
+        max_new_tokens: int,
+        on_batch: Callable[[int], None] | None = None,
+        should_stop: Callable[[int, int], bool] | None = None,
+    ) -> list[Verdict]:
+        return generate_verdicts(
             self.loaded.model,
             self.loaded.tokenizer,
             self.prompts,
             self.markers,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             decided_after=self.decided_after,
             batch_size=self.batch_size,
             response_prefix=self.response_prefix,
@@ -141,13 +163,7 @@ class RefusalScorer:
             share_prefix=self.share_prefix,
             on_batch=on_batch,
             should_stop=should_stop,
-        )
-        refused = [verdict.refused for verdict in verdicts]
-        return RefusalResult(
-            rate=sum(refused) / len(refused),
-            refused=refused,
-            responses=[verdict.text for verdict in verdicts],
-            verdicts=verdicts,
+            layer_cache=self.layer_cache,
         )
 
     def score(self) -> float:
