@@ -3,6 +3,7 @@
     python bench/scaling.py                 # default grid (15–25 minutes on one CPU thread)
     python bench/scaling.py --quick         # smoke run
     python bench/scaling.py --sizes 4x256,8x256,8x512 --prompts 50,100,200 --trials 8
+    python bench/scaling.py --real qwen     # the grid and the fetched real model as a point
 
 Models are built here, not downloaded: random Llama models of the given ``LAYERSxHIDDEN`` that
 share the tokenizer and chat template of ``--tokenizer-from`` (default: the bundled demo model).
@@ -14,6 +15,12 @@ Each point is one ``blasphemer run`` with ``--trials`` trials; its time per tria
 trial duration in the study database. The sweep over model sizes uses ``--sweep-prompts``
 prompts; the sweep over prompt counts uses the ``--sweep-model`` size. Writes
 ``bench/results/<date>-scaling.{json,md,png}`` and prints the table.
+
+``--real KEY`` adds a point for a fetched real model (``bench/models.py``; e.g. ``qwen``) with
+the model-size sweep's prompts and the same settings. Its end-of-sequence token is not touched
+(its GGUF is read as it is) and exact verdicts still end a refused answer at its marker, so its
+answers are shorter than the random models': the point is the time a real trial takes at these
+settings, a little below the same shape's cost at full length.
 """
 
 from __future__ import annotations
@@ -174,7 +181,31 @@ def table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(headers, body)
 
 
-def plot(by_size: list[dict[str, Any]], by_prompts: list[dict[str, Any]], path: Path) -> None:
+def real_model(key: str) -> tuple[Path, tuple[int, int], int]:
+    """A fetched real model's GGUF, its (layers, hidden size) and parameter count, read from
+    the GGUF's metadata and tensor shapes (nothing is loaded)."""
+    import gguf
+
+    import models
+
+    path = models.fetch(key)
+    reader = gguf.GGUFReader(path)
+    fields = reader.fields
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+
+    def number(name: str) -> int:
+        return int(fields[f"{arch}.{name}"].parts[-1][0])
+
+    parameters = sum(int(tensor.n_elements) for tensor in reader.tensors)
+    return path, (number("block_count"), number("embedding_length")), parameters
+
+
+def plot(
+    by_size: list[dict[str, Any]],
+    by_prompts: list[dict[str, Any]],
+    path: Path,
+    real: list[dict[str, Any]] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,6 +217,13 @@ def plot(by_size: list[dict[str, Any]], by_prompts: list[dict[str, Any]], path: 
     for r in sizes:
         left.annotate(f"{r['layers']}×{r['hidden']}", (r["parameters"] / 1e6, r["trial_s"]),
                       textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+    for r in real or []:
+        if r["trial_s"] is not None:
+            left.plot([r["parameters"] / 1e6], [r["trial_s"]], "r*", markersize=12)
+            left.annotate(f"{r['model']} (real)", (r["parameters"] / 1e6, r["trial_s"]),
+                          textcoords="offset points", xytext=(-60, 6), fontsize=8)  # fmt: skip
+    if real:
+        left.set_xscale("log")
     per_set = sizes[0]["prompts"] if sizes else "?"
     left.set(xlabel="parameters (millions)", ylabel="seconds per trial",
              title=f"model size ({per_set} prompts per set)")  # fmt: skip
@@ -224,6 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--threads", type=int, default=1)
     add("--quick", action="store_true", help="smoke run: two small models, two prompt counts")
     add("--tokenizer-from", type=Path, default=DEMO_MODEL, help="model folder with the tokenizer")
+    add("--real", help="also time this fetched real model (a bench/models.py key, e.g. qwen)")
     add("--timeout", type=float, default=3600)
     add("--workdir", type=Path)
     add("--results-dir", type=Path, default=BENCH / "results")
@@ -257,6 +296,14 @@ def run(args: argparse.Namespace) -> Path:
     # all points alike; each point reports the median over its repeats.
     plan = [("size", s, args.sweep_prompts) for s in sizes]
     plan += [("prompts", sweep_model, n) for n in counts]
+    if args.real:
+        path, shape, parameters = real_model(args.real)
+        built[shape] = (path, parameters)
+        plan.append(("real", shape, args.sweep_prompts))
+        log(
+            f"real model {args.real}: {shape[0]} layers, hidden {shape[1]}, "
+            f"{parameters / 1e6:.0f} M parameters"
+        )
     runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(plan))}
     for repeat in range(1, args.repeats + 1):
         for i, (sweep, size, prompts) in enumerate(plan):
@@ -272,6 +319,20 @@ def run(args: argparse.Namespace) -> Path:
     ]  # fmt: skip
     by_size = [r for r in rows if r["sweep"] == "size"]
     by_prompts = [r for r in rows if r["sweep"] == "prompts"]
+    real = [r | {"model": args.real} for r in rows if r["sweep"] == "real"]
+    real_text = (
+        [
+            "",
+            f"## Real model: {args.real} ({args.sweep_prompts} + {args.sweep_prompts} prompts)",
+            "",
+            "Its own end-of-sequence token and refusal markers end some answers early (see the "
+            "module docstring), so this is a real trial's time at these settings.",
+            "",
+            table(real),
+        ]
+        if real
+        else []
+    )
     text = "\n".join(
         [
             f"# Blasphemer scaling — {datetime.now():%Y-%m-%d %H:%M}",
@@ -288,6 +349,7 @@ def run(args: argparse.Namespace) -> Path:
             f"## Prompt count (model {sweep_model[0]}x{sweep_model[1]})",
             "",
             table(by_prompts),
+            *real_text,
         ]
     )
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -299,10 +361,10 @@ def run(args: argparse.Namespace) -> Path:
         "threads": args.threads,
         "source": str(source),
     }
-    record = {"setup": setup, "by_size": by_size, "by_prompts": by_prompts}
+    record = {"setup": setup, "by_size": by_size, "by_prompts": by_prompts, "real": real}
     path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     path.with_suffix(".md").write_text(text + f"\n\n![time per trial]({name}.png)\n")
-    plot(by_size, by_prompts, path.with_suffix(".png"))
+    plot(by_size, by_prompts, path.with_suffix(".png"), real)
     print()
     print(text)
     log(f"wrote {path} (.md, .png)")

@@ -194,6 +194,7 @@ def layer_cache_bench(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             layer_cache=refusal_cache,
         )
+        refusals.record_layers()
         setup[name] = time.perf_counter() - started
         scorers[name] = (kl, refusals, refusal_cache)
         caches += pair if cached else []

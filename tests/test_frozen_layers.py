@@ -162,17 +162,27 @@ def test_a_small_budget_records_every_few_layers_and_a_tiny_one_none() -> None:
     assert not tiny.enabled and "budget" in tiny.why_off and tiny.bytes == 0
 
 
-def test_a_batch_first_seen_on_an_edited_model_is_not_recorded() -> None:
+def test_a_pass_on_an_edited_model_is_not_recorded_a_later_unedited_one_is() -> None:
     loaded = deep_llama()
-    cache = layer_cache(loaded.model)
-    KLScorer(loaded, texts()[:4], batch_size=4, layer_cache=cache)  # records the baseline
-    edit_from(loaded.model, 2)
-    scorer = RefusalScorer(
-        loaded, texts(), markers=["w5"], max_new_tokens=4, batch_size=4, layer_cache=cache
-    )  # new batches, recorded while edited: they must run plainly, never be replayed
-    entries = len(cache._entries)
-    scorer.evaluate()
-    assert len(cache._entries) == entries == 1 and cache.replayed_layers == []
+    model_map = resolve(loaded.model)
+    cache = layer_cache(loaded.model)  # built on the unedited model: that is the original
+    kwargs = dict(markers=["w5"], max_new_tokens=4, batch_size=4)
+    cached = RefusalScorer(loaded, texts(), layer_cache=cache, **kwargs)
+    plain = RefusalScorer(loaded, texts(), **kwargs)
+    directions = torch.nn.functional.normalize(
+        torch.randn(DEEP, model_map.hidden_size, dtype=torch.float64), dim=-1
+    )
+    kinds = {w.kind for w in model_map.writers[0]}
+    strengths = {kind: torch.tensor([0, 0, 1.0, 1.0, 0, 0]) for kind in kinds}
+    with apply_ablation(model_map, directions, strengths):
+        first = cached.evaluate()  # edited: runs plainly, records nothing
+        assert cache._entries == {} and cache.replayed_layers == []
+        assert first.verdicts == plain.evaluate().verdicts
+    cached.evaluate()  # unedited: records every batch (and replays nothing yet)
+    assert len(cache._entries) == 2 and cache.replayed_layers == []
+    with apply_ablation(model_map, directions, strengths):
+        assert cached.evaluate().verdicts == first.verdicts
+    assert cache.replayed_layers == [2, 2]
 
 
 def test_a_replay_that_raises_puts_the_real_layers_back() -> None:

@@ -134,6 +134,13 @@ class Scorers:
     kl: KLScorer
     extra: list[Scorer]
 
+    def record_layers(self) -> None:
+        """Fill the refusal scorer's layer cache now (the KL scorer's is filled when built);
+        for a process that scores no unedited pass before its trials (a worker)."""
+        refusals = self.refusals
+        scorer = refusals.scorer if isinstance(refusals, JudgedRefusalScorer) else refusals
+        scorer.record_layers()
+
     def layer_cache_note(self) -> str | None:
         """One line on the trials' layer caches (None when ``--layer-cache-mib 0``)."""
         refusals = self.refusals
@@ -176,15 +183,15 @@ class RunContext:
         *,
         for_judge: bool = False,
         whole: bool = False,
-        every_trial: bool = False,
+        cached: bool = False,
     ) -> RefusalScorer:
         """Refusals of the context's model on ``texts`` as the settings say;
         ``decided_after=None`` judges full-length answers. A refusal marker ends its answer
         early (the marker verdict is the same, the work smaller), except in answers the
         semantic judge reads, which it needs whole: answers ``for_judge`` when ``--judge``
         asks for it, and every answer with ``whole`` (the search's, with ``--search-judge
-        semantic``). A scorer used ``every_trial`` records the unedited prefills once for the
-        layer cache."""
+        semantic``). A ``cached`` scorer, built while the model is unedited, keeps a layer
+        cache that its first pass on the unedited model fills."""
         return RefusalScorer(
             self.loaded,
             texts,
@@ -193,7 +200,7 @@ class RunContext:
             decided_after=decided_after,
             batch_size=self.batch_size,
             stop_at_marker=not (whole or (for_judge and self.settings.judge != "markers")),
-            layer_cache=self._layer_cache() if every_trial else None,
+            layer_cache=self._layer_cache() if cached else None,
         )
 
     def semantic_judge(self) -> Judge | None:
@@ -223,21 +230,22 @@ class RunContext:
         decided, or with ``--search-judge semantic`` the semantic judge on whole answers."""
         harmful = self.prompts.harmful
         if self.settings.search_judge == "markers":
-            return self.refusal_scorer(harmful.select, decided_after, every_trial=True)
+            return self.refusal_scorer(harmful.select, decided_after, cached=True)
         judge = self.semantic_judge()
         assert judge is not None  # --search-judge asks for it
-        whole = self.refusal_scorer(harmful.select, None, whole=True, every_trial=True)
+        whole = self.refusal_scorer(harmful.select, None, whole=True, cached=True)
         return JudgedRefusalScorer(whole, judge, harmful.select_prompts)
 
-    def kl_scorer(self, texts: list[str], *, every_trial: bool = False) -> KLScorer:
+    def kl_scorer(self, texts: list[str], *, cached: bool = False) -> KLScorer:
         """KL from the run's model as it is now (unedited) on ``texts``, as the settings say;
-        a scorer used ``every_trial`` records the prefills for the layer cache."""
+        a ``cached`` scorer records its prefills for the layer cache (in the pass it makes
+        anyway)."""
         return KLScorer(
             self.loaded,
             texts,
             batch_size=self.batch_size,
             positions=self.settings.kl_positions,
-            layer_cache=self._layer_cache() if every_trial else None,
+            layer_cache=self._layer_cache() if cached else None,
         )
 
     def _layer_cache(self) -> LayerCache | None:
@@ -253,7 +261,8 @@ class RunContext:
 
     def select_scorers(self) -> Scorers:
         """Scorers on the *select* split; call while the model is unedited (KL caches the
-        original)."""
+        original). The refusal scorer's layer cache fills in its first unedited pass (the
+        original model's measurement) or :meth:`Scorers.record_layers`."""
         settings, prompts = self.settings, self.prompts
         decided_after = None if settings.exact_verdicts else settings.decided_after
         context = ScorerContext(
@@ -267,7 +276,7 @@ class RunContext:
         )
         return Scorers(
             self.search_refusals(decided_after),
-            self.kl_scorer(prompts.harmless.select, every_trial=True),
+            self.kl_scorer(prompts.harmless.select, cached=True),
             load_scorers([str(p) for p in settings.scorers], context),
         )
 

@@ -82,8 +82,9 @@ def held_out(
     """Report-split refusals (full length) and KL for the front's trials, plus the original."""
     console, model_map = ctx.console, ctx.model_map
     requests = ctx.prompts.harmful.report_prompts
-    refusals = ctx.refusal_scorer(ctx.prompts.harmful.report, for_judge=True)
-    kl = ctx.kl_scorer(ctx.prompts.harmless.report)
+    # Layer caches: filled by the passes on the original model, replayed for every front trial.
+    refusals = ctx.refusal_scorer(ctx.prompts.harmful.report, for_judge=True, cached=True)
+    kl = ctx.kl_scorer(ctx.prompts.harmless.report, cached=True)
     original = refusals.evaluate()
     original_semantic = ctx.semantic_refusals(refusals, original, requests)
     scores: dict[int, result_files.HeldOutScores] = {}

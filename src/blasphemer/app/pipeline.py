@@ -107,6 +107,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
     clock.lap("study")
     console.stage(8, STAGES, f"Optimising ({study_run.budget} trials in all)")
     stages.optimise(ctx, study_run, scorers)
+    del scorers  # their layer caches: the held-out stage records its own
 
     clock.lap("trials")
     console.stage(9, STAGES, "Pareto front and held-out numbers (report split)")

@@ -42,6 +42,7 @@ def work(settings: Settings, console: Console) -> int:
 
     ctx = stages.prepare(joined, console, step)
     scorers = ctx.select_scorers()
+    scorers.record_layers()  # no unedited pass here would fill the layer cache
     console.stage(3, 4, f"Joining study {settings.study_name!r} in {shown}")
     space = ctx.search_space()
     opened = create_or_load_study(

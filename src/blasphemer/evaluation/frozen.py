@@ -53,8 +53,11 @@ class LayerCache:
     """Recorded prefills of one prompt set's batches, replayed below the first edited layer.
 
     ``layers`` is the model's decoder-layer list (a ``ModuleList`` inside ``model``) and
-    ``embeddings`` its input embeddings. Call :meth:`plan` with the number of token columns the
-    set's prefills will hold in all (rows × width, summed over batches) before the first record.
+    ``embeddings`` its input embeddings. Build it while the model is unedited: what it sees then
+    is the original, and a batch is recorded only while the model is still exactly that (so a
+    first pass on an edited model is simply not recorded). Call :meth:`plan` with the number of
+    token columns the set's prefills will hold in all (rows × width, summed over batches) before
+    the first record.
     """
 
     def __init__(
@@ -73,7 +76,8 @@ class LayerCache:
         self.bytes = 0
         self.why_off = "" if self.enabled else "no memory budget"
         self._entries: dict[Any, _Entry] = {}
-        self._baseline: list[Fingerprint] | None = None
+        self._baseline = self._fingerprints()  # the unedited model
+        self._stride_chosen = False
         self.replayed_layers: list[int] = []  # per replayed call, how many layers (for tests)
 
     # --- what is unchanged --------------------------------------------------------------------
@@ -84,10 +88,8 @@ class LayerCache:
         return [_fingerprint(self.embeddings)] + [_fingerprint(layer) for layer in self.layers]
 
     def unchanged_layers(self) -> int:
-        """How many leading layers compute what they computed when recorded (0 when the
-        embeddings changed or nothing was recorded)."""
-        if self._baseline is None:
-            return 0
+        """How many leading layers compute what they computed when the cache was built (0 when
+        the embeddings changed)."""
         for position, (now, then) in enumerate(
             zip(self._fingerprints(), self._baseline, strict=True)
         ):
@@ -118,7 +120,7 @@ class LayerCache:
             return call()
 
     def _record(self, key: Any, call: Callable[[], T]) -> T:
-        if self._baseline is not None and self.unchanged_layers() < len(self.layers):
+        if self.unchanged_layers() < len(self.layers):
             return call()  # the model is edited now: a record would not be the original's
         hidden: dict[int, torch.Tensor] = {}
         takes_cache: list[bool] = []
@@ -140,8 +142,8 @@ class LayerCache:
         if reason:
             self._switch_off(reason)
             return output
-        if self._baseline is None:
-            self._baseline = self._fingerprints()
+        if not self._stride_chosen:
+            self._stride_chosen = True
             self._choose_stride(hidden, cache, width)
             if not self.enabled:
                 return output

@@ -65,8 +65,9 @@ class RefusalScorer:
     preserves). ``response_prefix=None`` detects template text shared by every answer with the
     model as it is at construction (unedited); pass ``""`` to judge answers whole.
     ``share_prefix`` runs the prompts' shared chat-template prefix once per pass
-    (:mod:`blasphemer.evaluation.prefix`). A ``layer_cache`` records every batch's prefill here
-    (the model must be unedited then) and later passes replay the layers an edit left unchanged
+    (:mod:`blasphemer.evaluation.prefix`). A ``layer_cache`` (built on the unedited model)
+    records each batch's prefill in the first pass on the unedited model, :meth:`evaluate` or
+    :meth:`record_layers`, and later passes replay the layers an edit left unchanged
     (:mod:`blasphemer.evaluation.frozen`).
     """
 
@@ -100,8 +101,6 @@ class RefusalScorer:
         if response_prefix is None:
             response_prefix = self._detect_prefix()
         self.response_prefix = response_prefix
-        if layer_cache is not None:  # one token per prompt: the prefills are what is recorded
-            self._generate(max_new_tokens=1)
 
     def _detect_prefix(self) -> str:
         """Common template prefix of the greedy answers to the first few prompts."""
@@ -143,6 +142,12 @@ class RefusalScorer:
             responses=[verdict.text for verdict in verdicts],
             verdicts=verdicts,
         )
+
+    def record_layers(self) -> None:
+        """Fill the layer cache without a whole evaluation: one token per prompt (the prefills
+        are what is recorded). Call it on the unedited model; without a cache it does nothing."""
+        if self.layer_cache is not None:
+            self._generate(max_new_tokens=1)
 
     def _generate(
         self,
