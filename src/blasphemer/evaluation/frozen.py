@@ -104,9 +104,9 @@ class LayerCache:
         self.planned_tokens = tokens
 
     def run(self, key: Any, call: Callable[[], T]) -> T:
-        """``call()`` (one prefill forward of the batch ``key``), recorded when ``key`` is new
-        and the model is as at the first record, replayed below the unchanged layers when ``key``
-        was recorded; run plainly otherwise."""
+        """``call()`` (one prefill forward of the batch ``key``): recorded when ``key`` is new
+        and the model is as it was when the cache was built, replayed below the unchanged
+        layers when ``key`` was recorded, run plainly otherwise."""
         if not self.enabled:
             return call()
         entry = self._entries.get(key)
@@ -190,6 +190,8 @@ class LayerCache:
             self._switch_off("keys and values alone would not fit the memory budget")
             return
         self.stride = max(1, math.ceil(len(self.layers) * per_layer / room))
+        if self.stride > len(self.layers):
+            self._switch_off("not one layer's hidden states would fit the memory budget")
 
     def _switch_off(self, reason: str) -> None:
         self.enabled = False
