@@ -28,12 +28,15 @@ from blasphemer.app import cli
 from blasphemer.architectures.base import ComponentKind, ModelMap
 from blasphemer.directions import Directions, compute_directions
 from blasphemer.editing import Ablation, apply_ablation, merge_ablation
+from blasphemer.evaluation import KLScorer, RefusalScorer
+from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.gguf_source import read_header
 from blasphemer.loading import LoadedModel, load_model
 from blasphemer.residuals import mean_residuals
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import models as bench_models  # bench/ is not a package
+import scaling
 
 pytestmark = pytest.mark.real
 
@@ -91,6 +94,44 @@ def _strengths(model_map: ModelMap, weight: float) -> dict[ComponentKind, torch.
     return AblationParameters(None, {kind: kernel for kind in kinds}).layer_weights(
         model_map.n_layers
     )
+
+
+def test_the_layer_cache_replays_real_layers_bit_for_bit(
+    real: tuple[str, Path, LoadedModel, ModelMap], fitted: tuple[Directions, torch.Tensor]
+) -> None:
+    _, _, loaded, model_map = real
+    directions, _ = fitted
+    layers = loaded.model.get_submodule(model_map.layers_path)
+    assert isinstance(layers, torch.nn.ModuleList)
+    caches = [LayerCache(layers, loaded.model.get_input_embeddings()) for _ in range(2)]
+    harmless, harmful = _texts(loaded, "harmless"), _texts(loaded, "harmful")
+    kl = [KLScorer(loaded, harmless, batch_size=4, layer_cache=c) for c in (None, caches[0])]
+    answers = [
+        RefusalScorer(loaded, harmful, max_new_tokens=8, batch_size=4, layer_cache=c)
+        for c in (None, caches[1])
+    ]
+    answers[1].record_layers()
+    half = model_map.n_layers // 2
+    strengths = {
+        kind: torch.where(torch.arange(model_map.n_layers) >= half, weights, 0.0)
+        for kind, weights in _strengths(model_map, 1.0).items()
+    }
+    with apply_ablation(model_map, directions.for_layers(None), strengths):
+        expected = kl[0].per_prompt()
+        assert torch.equal(kl[1].per_prompt(), expected) and float(expected.max()) > 0
+        assert answers[1].evaluate().verdicts == answers[0].evaluate().verdicts
+    assert all(c.enabled and set(c.replayed_layers) == {half} for c in caches), [
+        (c.why_off, c.replayed_layers) for c in caches
+    ]
+
+
+def test_scaling_reads_the_shape_and_size_from_the_gguf(
+    real: tuple[str, Path, LoadedModel, ModelMap],
+) -> None:
+    key, _, loaded, model_map = real
+    _, shape, parameters = scaling.real_model(key)
+    assert shape == (model_map.n_layers, model_map.hidden_size)
+    assert parameters == sum(p.numel() for p in loaded.model.parameters())
 
 
 def test_gguf_loads_as_its_architecture_with_the_header_shape(
