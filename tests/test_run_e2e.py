@@ -295,6 +295,8 @@ def test_confirm_front_gives_the_front_of_exact_verdicts(
             "--yes",
             "--held-out-trials",
             "1",
+            "--batch-size",  # a probed size can differ between the runs (a busy machine)
+            "16",
             "--output-dir",
             folder / "out",
             cwd=folder,
@@ -308,9 +310,10 @@ def test_confirm_front_gives_the_front_of_exact_verdicts(
             assert "confirm_front" in data["timings_s"] and "on whole answers" in done.out
     confirmed, exact = fronts["--confirm-front"], fronts["--exact-verdicts"]
     assert [(n, r) for n, r, _ in confirmed] == [(n, r) for n, r, _ in exact]
-    # Same trials and verdicts; the KL agrees to float32 rounding (CI's CPU summed one batch in a
-    # different order and moved the 7th digit).
-    assert [kl for *_, kl in confirmed] == pytest.approx([kl for *_, kl in exact], rel=1e-5)
+    # Same trials and verdicts; the KL to float32 rounding (with equal batches the sums are
+    # equal here, but CI once moved the 7th digit of one).
+    kls = [kl for *_, kl in exact]
+    assert [kl for *_, kl in confirmed] == pytest.approx(kls, rel=1e-4, abs=1e-7)
 
 
 def test_demo_runs_end_to_end_in_a_fresh_folder(demo_model_dir: Path, tmp_path: Path) -> None:
