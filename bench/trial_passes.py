@@ -61,28 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.lever == "layers":
         return layer_cache_bench(args)
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-
-    loaded = load_model(str(bench_models.fetch("qwen")), dtypes=["float32"], device_map="cpu")
-    model_map = architectures.resolve(loaded.model)
-    harmful = prompts.render(loaded.tokenizer, _instructions("harmful_test.json", args.prompts))
-    harmless = prompts.render(loaded.tokenizer, _instructions("harmless_test.json", args.prompts))
+    loaded, model_map, harmful, harmless, directions = _setup(args)
     ids = loaded.tokenizer(harmful, add_special_tokens=False)["input_ids"]
     shared = split_prefix(ids)
     mean_length = sum(len(row) for row in ids) / len(ids)
     print(f"shared prefix {len(shared.prefix)} of {mean_length:.1f} tokens on average", flush=True)
 
-    # One fixed edit: directions from 32 + 32 prompts the passes do not use.
-    fit = {
-        kind: prompts.render(loaded.tokenizer, _instructions(f"{kind}_test.json", 300)[-32:])
-        for kind in ("harmful", "harmless")
-    }
-    residuals = {
-        kind: mean_residuals(loaded, model_map, texts, batch_size=args.batch_size)
-        for kind, texts in fit.items()
-    }
-    directions = compute_directions(residuals["harmful"], residuals["harmless"], projected=True)
+    # One fixed edit.
     n_layers = model_map.n_layers
     kernel = KernelParameters(1.0, n_layers / 2, 0.0, n_layers / 3)
     parameters = AblationParameters(
@@ -156,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def layer_cache_bench(args: argparse.Namespace) -> int:
-    """``--lever layers``: the shared prefix with and without the layer cache, over edits drawn
-    from the search space."""
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, list[str], list[str], Any]:
+    """Threads, the fetched Qwen, the harmful and harmless pass prompts, and directions from
+    32 + 32 other prompts the passes do not use."""
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
     loaded = load_model(str(bench_models.fetch("qwen")), dtypes=["float32"], device_map="cpu")
     model_map = architectures.resolve(loaded.model)
     harmful = prompts.render(loaded.tokenizer, _instructions("harmful_test.json", args.prompts))
@@ -172,6 +159,13 @@ def layer_cache_bench(args: argparse.Namespace) -> int:
         for kind, texts in fit.items()
     }
     directions = compute_directions(residuals["harmful"], residuals["harmless"], projected=True)
+    return loaded, model_map, harmful, harmless, directions
+
+
+def layer_cache_bench(args: argparse.Namespace) -> int:
+    """``--lever layers``: the shared prefix with and without the layer cache, over edits drawn
+    from the search space."""
+    loaded, model_map, harmful, harmless, directions = _setup(args)
     space = SearchSpace.build(model_map.n_layers)
     study = optuna.create_study(directions=["minimize"] * 2, sampler=RandomSampler(seed=0))
     edits = [space.sample(study.ask()) for _ in range(args.edits)]

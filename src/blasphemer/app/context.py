@@ -134,18 +134,20 @@ class Scorers:
     kl: KLScorer
     extra: list[Scorer]
 
+    def _generating(self) -> RefusalScorer:
+        """The scorer that generates the refusal answers (inside a judged one, if judged)."""
+        refusals = self.refusals
+        return refusals.scorer if isinstance(refusals, JudgedRefusalScorer) else refusals
+
     def record_layers(self) -> None:
         """Fill the refusal scorer's layer cache now (the KL scorer's is filled when built);
         for a process that scores no unedited pass before its trials (a worker)."""
-        refusals = self.refusals
-        scorer = refusals.scorer if isinstance(refusals, JudgedRefusalScorer) else refusals
-        scorer.record_layers()
+        self._generating().record_layers()
 
     def layer_cache_note(self) -> str | None:
         """One line on the trials' layer caches (None when ``--layer-cache-mib 0``)."""
-        refusals = self.refusals
-        scorer = refusals.scorer if isinstance(refusals, JudgedRefusalScorer) else refusals
-        caches = [c for c in (self.kl.layer_cache, scorer.layer_cache) if c is not None]
+        layer_caches = (self.kl.layer_cache, self._generating().layer_cache)
+        caches = [c for c in layer_caches if c is not None]
         if not caches:
             return None
         off = [c.why_off for c in caches if not c.enabled]
