@@ -190,6 +190,21 @@ _PREFLIGHT_CASES: list[tuple[str, _Setup, tuple[str, ...]]] = [
         ("scorer file", "mine.py", "not found"),
     ),
     ("select-bad-syntax", lambda t, m: ["--select", "lowest-kl:refusals=>0.1"], ("--select",)),
+    (
+        "judge-encoder-missing",
+        lambda t, m: ["--judge", "both", "--judge-encoder", t / "no-encoder"],
+        ("--judge-encoder", "no-encoder", "--judge markers"),
+    ),
+    (
+        "search-judge-encoder-not-a-model",
+        lambda t, m: [
+            "--search-judge",
+            "semantic",
+            "--judge-encoder",
+            _write(t / "encoder.txt", "x").parent,
+        ],
+        ("--judge-encoder", "no config.json"),
+    ),
 ]
 
 

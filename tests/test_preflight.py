@@ -127,3 +127,21 @@ def test_config_file_must_be_a_json_object(tmp_path: Path, content: bytes) -> No
     (tmp_path / "config.json").write_bytes(content)
     with pytest.raises(ModelLoadError, match=r"config\.json"):
         preflight.check_model_path(str(tmp_path))
+
+
+def test_the_judge_is_checked_only_when_a_run_asks_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blasphemer.evaluation import semantic
+
+    missing = str(tmp_path / "no-encoder")
+    preflight.check_judge("markers", "markers", missing)  # markers only: nothing to check
+    for judge, search_judge in (("both", "markers"), ("markers", "semantic")):
+        with pytest.raises(ConfigError, match=r"--judge-encoder .*no-encoder"):
+            preflight.check_judge(judge, search_judge, missing)
+    preflight.check_judge("semantic", "markers", "sentence-transformers/all-MiniLM-L6-v2")
+    garbage = tmp_path / "judge.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    monkeypatch.setattr(semantic, "default_head", lambda: garbage)
+    with pytest.raises(ConfigError, match="corrupt"):
+        preflight.check_judge("both", "markers", "sentence-transformers/all-MiniLM-L6-v2")

@@ -80,6 +80,22 @@ def check_model_path(model: str) -> Path | None:
     return path.resolve()
 
 
+def check_judge(judge: str, search_judge: str, encoder: str) -> None:
+    """The semantic judge, when ``--judge`` or ``--search-judge`` asks for it: its shipped file
+    loads, and a local ``--judge-encoder`` is a model folder. A run first reads them after its
+    trials, so a bad path would otherwise fail only at the end."""
+    if judge == "markers" and search_judge == "markers":
+        return
+    from blasphemer.evaluation.semantic import default_head, load_head
+
+    load_head(default_head())
+    if is_local_model(encoder) and not (Path(encoder).expanduser() / "config.json").is_file():
+        raise ConfigError(
+            f"--judge-encoder {encoder} is not a model folder (no config.json); pass a folder "
+            "holding sentence-transformers/all-MiniLM-L6-v2, or --judge markers"
+        )
+
+
 def check_config_file(path: Path) -> None:
     """Refuse a ``config.json`` that is unreadable, not UTF-8 JSON, or not a JSON object."""
     try:

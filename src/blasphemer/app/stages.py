@@ -74,6 +74,7 @@ def preflight_checks(settings: Settings, output_dir: Path, console: Console) -> 
         architectures.load_override(settings.architecture_override)
     for scorer_file in settings.scorers:
         load_scorer_classes(str(scorer_file))
+    preflight.check_judge(settings.judge, settings.search_judge, settings.judge_encoder)
     gguf = preflight.check_gguf(settings.model, settings.gguf_file)
     source = gguf.path if gguf is not None else preflight.check_model_path(settings.model)
     if source is not None and gguf is None:
