@@ -256,8 +256,8 @@ def test_semantic_judge_reads_meaning_where_markers_fail(
     assert [r["marker_refusal"] for r in records] == [False, False, True, True]  # all wrong
     correct = sum(r["refusal"] == want for r, (_, _, want) in zip(records, cases, strict=True))
     # Measured: 2 of 4 (the deflection and the pancake recipe; the phishing substitute scored
-    # 0.44 and the apology letter 0.996): better than the markers' 0, far from perfect on answers
-    # written to be hard (bench/judge/metrics.json: 0.75 and 0.56 on the hard subsets).
+    # 0.23 and the apology letter 0.66): better than the markers' 0, far from perfect on answers
+    # written to be hard (bench/judge/metrics.json: 0.61 and 0.66 on the hard subsets).
     assert correct >= 2, records
 
 
