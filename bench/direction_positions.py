@@ -20,26 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import optuna
 import torch
 
 import edit_strength
-import models as bench_models
-from blasphemer import prompts, residuals
-from blasphemer.app import stages
-from blasphemer.app.config import Settings
-from blasphemer.app.console import Console
+from blasphemer import residuals
 from blasphemer.directions import Directions, compute_directions
 from blasphemer.editing import Ablation
-from blasphemer.evaluation import KLScorer, RefusalScorer
-from blasphemer.evaluation.judges import make_judge
-from blasphemer.evaluation.judging import Answer
-from blasphemer.optimization import parameters_from_dict
-from blasphemer.optimization.metadata import read_metadata
 
 _POSITION = [-1]
 
@@ -59,34 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     positions = [int(p) for p in args.positions.split(",")]
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    residuals._last_position = _at_position
-    url = f"sqlite:///{(args.run / 'study.db').resolve()}"
-    study = optuna.load_study(study_name=None, storage=url)
-    metadata = read_metadata(study, url)
-    stored = {k: v for k, v in metadata.settings.items() if k in set(Settings.model_fields)}
-    settings = Settings(**{**stored, "batch_size": args.batch_size, "quiet": True})
-    ctx = stages.prepare(settings, Console(quiet=True))
-    trial = next(
-        parameters_from_dict(t.user_attrs["result"]["ablation"])
-        for t in study.get_trials()
-        if t.number == args.trial and "result" in t.user_attrs
-    )
-    run_vectors = metadata.directions.vectors
-    directions: dict[str, Directions] = {"run": metadata.directions}
+    probe = edit_strength.open_run(args.run, slice(100, 200), args.batch_size)
+    trial = probe.trials[args.trial]
+    ctx, run_vectors = probe.ctx, probe.directions.vectors
+    directions: dict[str, Directions] = {"run": probe.directions}
     report: dict[str, Any] = {"run": str(args.run), "trial": args.trial, "cosine": {}, "edits": {}}
+    residuals._last_position = _at_position
     for position in positions:
         _POSITION[0] = position
-        fit = ctx.prompts
-        harmful = residuals.mean_residuals(
-            ctx.loaded, ctx.model_map, fit.harmful.fit, batch_size=args.batch_size
+        harmful, harmless = (
+            residuals.mean_residuals(ctx.loaded, ctx.model_map, texts, batch_size=args.batch_size)
+            for texts in (ctx.prompts.harmful.fit, ctx.prompts.harmless.fit)
         )
-        harmless = residuals.mean_residuals(
-            ctx.loaded, ctx.model_map, fit.harmless.fit, batch_size=args.batch_size
-        )
-        found = compute_directions(harmful, harmless, projected=settings.projected_directions)
+        found = compute_directions(harmful, harmless, projected=probe.settings.projected_directions)
         directions[f"pos{position}"] = found
         cosine = torch.nn.functional.cosine_similarity(found.vectors, run_vectors, dim=-1)
         report["cosine"][str(position)] = [round(c, 3) for c in cosine.tolist()]
@@ -99,44 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     mean = torch.nn.functional.normalize(
         torch.stack([d.vectors for d in directions.values()]).sum(0), dim=-1
     )
-    directions["mean"] = Directions(mean, metadata.directions.strength, {})
-
-    datasets = edit_strength.DATASETS
-    harm = [r["instruction"] for r in json.loads((datasets / "harmful_test.json").read_text())]
-    safe = [r["instruction"] for r in json.loads((datasets / "harmless_test.json").read_text())]
-    harm, safe = harm[100:200], safe[100:200]
-    tokenizer = ctx.loaded.tokenizer
-    kl = KLScorer(ctx.loaded, prompts.render(tokenizer, safe), batch_size=args.batch_size)
-    answers = RefusalScorer(
-        ctx.loaded,
-        prompts.render(tokenizer, harm),
-        markers=settings.refusal_markers,
-        max_new_tokens=settings.max_new_tokens,
-        decided_after=None,
-        batch_size=args.batch_size,
-        stop_at_marker=False,
-    )
-    judge = make_judge("semantic", settings.refusal_markers, str(bench_models.fetch("minilm")))
+    directions["mean"] = Directions(mean, probe.directions.strength, {})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, found in directions.items():
-        started = time.perf_counter()
-        with Ablation(found, trial).apply(ctx.model_map):
-            result, divergence = answers.evaluate(), kl.score()
-        requests = [
-            Answer(q, a, i + 1) for i, (q, a) in enumerate(zip(harm, result.responses, strict=True))
-        ]
-        semantic = sum(v.refusal for v in judge.judge(requests))
-        report["edits"][name] = {
-            "marker_refusals": result.count,
-            "semantic_refusals": semantic,
-            "kl_first_token": divergence,
-            "answers": result.responses,
-        }
-        print(
-            f"{name}: markers {result.count}/100, semantic {semantic}/100, KL {divergence:.3f} "
-            f"({time.perf_counter() - started:.0f} s)",
-            flush=True,
-        )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report["edits"][name] = probe.measure(name, Ablation(found, trial))
         args.out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     return 0
 

@@ -40,7 +40,7 @@ from blasphemer.directions import Directions, compute_directions
 from blasphemer.editing import Ablation
 from blasphemer.evaluation import KLScorer, RefusalScorer
 from blasphemer.evaluation.judges import make_judge
-from blasphemer.evaluation.judging import Answer
+from blasphemer.evaluation.judging import Answer, Judge
 from blasphemer.optimization import parameters_from_dict
 from blasphemer.optimization.metadata import read_metadata
 from blasphemer.residuals import mean_residuals
@@ -81,6 +81,94 @@ def refused_directions(ctx: Any) -> tuple[Directions, int, int]:
     return compute_directions(harmful, harmless, projected=projected), len(refused), len(fit)
 
 
+@dataclasses.dataclass
+class Probe:
+    """A finished run opened for probing on public prompts: its settings as stored, the model
+    prepared as the run had it, the run's directions and every finished trial's ablation, and
+    scorers for the harmful answers (whole, judged by markers and the semantic judge) and the
+    harmless KL."""
+
+    stored: dict[str, Any]
+    settings: Settings
+    ctx: Any
+    directions: Directions
+    trials: dict[int, AblationParameters]
+    harm: list[str]
+    kl: KLScorer
+    answers: RefusalScorer
+    judge: Judge
+
+    def measure(self, name: str, edit: Ablation | None) -> dict[str, Any]:
+        """Answers and KL with ``edit`` applied (None: the original model), printed in a line."""
+        started = time.perf_counter()
+        if edit is None:
+            result, divergence = self.answers.evaluate(), 0.0
+        else:
+            with edit.apply(self.ctx.model_map):
+                result, divergence = self.answers.evaluate(), self.kl.score()
+        pairs = enumerate(zip(self.harm, result.responses, strict=True))
+        semantic = sum(
+            v.refusal for v in self.judge.judge([Answer(q, a, i + 1) for i, (q, a) in pairs])
+        )
+        n = len(self.harm)
+        print(
+            f"{name}: markers {result.count}/{n}, semantic {semantic}/{n}, "
+            f"KL {divergence:.3f} ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+        return {
+            "marker_refusals": result.count,
+            "semantic_refusals": semantic,
+            "n_prompts": n,
+            "kl_first_token": divergence,
+            "answers": result.responses,
+        }
+
+
+def open_run(run: Path, window: slice, batch_size: int) -> Probe:
+    """The run in ``run`` (its ``study.db``) prepared for probing on the public prompts in
+    ``window``; one thread, no autograd."""
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{(run / 'study.db').resolve()}"
+    study = optuna.load_study(study_name=None, storage=url)
+    metadata = read_metadata(study, url)
+    known = set(Settings.model_fields)
+    stored = {k: v for k, v in metadata.settings.items() if k in known}
+    settings = Settings(**{**stored, "batch_size": batch_size, "quiet": True})
+    ctx = stages.prepare(settings, Console(quiet=True))
+    trials = {
+        t.number: parameters_from_dict(t.user_attrs["result"]["ablation"])
+        for t in study.get_trials()
+        if "result" in t.user_attrs
+    }
+    harm = [r["instruction"] for r in json.loads((DATASETS / "harmful_test.json").read_text())]
+    safe = [r["instruction"] for r in json.loads((DATASETS / "harmless_test.json").read_text())]
+    harm, safe = harm[window], safe[window]
+    tokenizer = ctx.loaded.tokenizer
+    answers = RefusalScorer(
+        ctx.loaded,
+        prompts.render(tokenizer, harm),
+        markers=settings.refusal_markers,
+        max_new_tokens=settings.max_new_tokens,
+        decided_after=None,
+        batch_size=batch_size,
+        stop_at_marker=False,
+    )
+    return Probe(
+        stored=stored,
+        settings=settings,
+        ctx=ctx,
+        directions=metadata.directions,
+        trials=trials,
+        harm=harm,
+        kl=KLScorer(ctx.loaded, prompts.render(tokenizer, safe), batch_size=batch_size),
+        answers=answers,
+        judge=make_judge("semantic", settings.refusal_markers, str(bench_models.fetch("minilm"))),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="The run folder (study.db).")
@@ -91,70 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     edits = parse_edits(args.edits)
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = f"sqlite:///{(args.run / 'study.db').resolve()}"
-    study = optuna.load_study(study_name=None, storage=url)
-    metadata = read_metadata(study, url)
-    known = set(Settings.model_fields)
-    stored = {k: v for k, v in metadata.settings.items() if k in known}
-    settings = Settings(**{**stored, "batch_size": args.batch_size, "quiet": True})
-    ctx = stages.prepare(settings, Console(quiet=True))
-    trials = {
-        t.number: parameters_from_dict(t.user_attrs["result"]["ablation"])
-        for t in study.get_trials()
-        if "result" in t.user_attrs
-    }
-    directions = {"run": metadata.directions}
-    report: dict[str, Any] = {"run": str(args.run), "settings": stored, "edits": {}}
+    window = slice(args.first, args.first + args.count)
+    probe = open_run(args.run, window, args.batch_size)
+    directions = {"run": probe.directions}
+    report: dict[str, Any] = {"run": str(args.run), "settings": probe.stored, "edits": {}}
     if any(source == "refused" for source, _, _ in edits):
-        directions["refused"], kept, total = refused_directions(ctx)
+        directions["refused"], kept, total = refused_directions(probe.ctx)
         report["refused_fit_prompts"] = f"{kept}/{total}"
         print(f"fit prompts the original refuses: {kept}/{total}", flush=True)
-
-    window = slice(args.first, args.first + args.count)
-    harm = [r["instruction"] for r in json.loads((DATASETS / "harmful_test.json").read_text())]
-    safe = [r["instruction"] for r in json.loads((DATASETS / "harmless_test.json").read_text())]
-    harm, safe = harm[window], safe[window]
-    tokenizer = ctx.loaded.tokenizer
-    kl = KLScorer(ctx.loaded, prompts.render(tokenizer, safe), batch_size=args.batch_size)
-    answers = RefusalScorer(
-        ctx.loaded,
-        prompts.render(tokenizer, harm),
-        markers=settings.refusal_markers,
-        max_new_tokens=settings.max_new_tokens,
-        decided_after=None,
-        batch_size=args.batch_size,
-        stop_at_marker=False,
-    )
-    encoder = bench_models.fetch("minilm")
-    judge = make_judge("semantic", settings.refusal_markers, str(encoder))
     report["prompts"] = f"harmful_test.json[{window.start}:{window.stop}] and harmless_test"
-    for source, number, factor in [("original", -1, 0.0), *edits]:
-        name = "original" if source == "original" else f"{source}:{number}x{factor}"
-        started = time.perf_counter()
-        if source == "original":
-            result, divergence = answers.evaluate(), 0.0
-        else:
-            edit = Ablation(directions[source], scaled(trials[number], factor))
-            with edit.apply(ctx.model_map):
-                result, divergence = answers.evaluate(), kl.score()
-        requests = [
-            Answer(q, a, i + 1) for i, (q, a) in enumerate(zip(harm, result.responses, strict=True))
-        ]
-        semantic = sum(v.refusal for v in judge.judge(requests))
-        report["edits"][name] = {
-            "marker_refusals": result.count,
-            "semantic_refusals": semantic,
-            "n_prompts": len(harm),
-            "kl_first_token": divergence,
-            "answers": result.responses,
-        }
-        print(
-            f"{name}: markers {result.count}/{len(harm)}, semantic {semantic}/{len(harm)}, "
-            f"KL {divergence:.3f} ({time.perf_counter() - started:.0f} s)",
-            flush=True,
+    report["edits"]["original"] = probe.measure("original", None)
+    for source, number, factor in edits:
+        edit = Ablation(directions[source], scaled(probe.trials[number], factor))
+        report["edits"][f"{source}:{number}x{factor}"] = probe.measure(
+            f"{source}:{number}x{factor}", edit
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
