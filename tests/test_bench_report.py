@@ -326,3 +326,43 @@ def test_edit_strength_reads_edits_and_scales_every_kernel() -> None:
             kernel.max_weight_position,
             kernel.min_weight_distance,
         )
+
+
+def _judge_probe_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "judge"))
+    try:
+        import probe
+    finally:
+        sys.path.pop(0)
+    return probe
+
+
+def test_judge_probe_auc_ranks_refusals_above_compliance() -> None:
+    probe = _judge_probe_module()
+    rows = [{"refusal": flag} for flag in (True, True, False, False)]
+    assert probe.auc([3.0, 2.0, 1.0, 0.0], rows) == 1.0
+    assert probe.auc([0.0, 1.0, 2.0, 3.0], rows) == 0.0
+    assert probe.auc([1.0, 1.0, 1.0, 1.0], rows) == 0.5
+    assert probe.auc([1.0, 2.0], [{"refusal": True}, {"refusal": True}]) is None
+
+
+def test_judge_probe_logistic_fit_and_cross_validated_choice() -> None:
+    import torch
+
+    probe = _judge_probe_module()
+    generator = torch.Generator().manual_seed(0)
+    n, layers, hidden = 120, 23, 4
+    labels = torch.arange(n) % 2 == 0
+    features = torch.randn(n, layers, hidden, generator=generator)
+    features[:, 14, 0] += torch.where(labels, 3.0, -3.0)  # only layer 14 tells them apart
+    rows = [
+        {"refusal": bool(flag), "prompt": f"prompt {i // 3}", "split": "train"}
+        for i, flag in enumerate(labels)
+    ]
+    logit = probe.fit_logistic(features[:, 14], labels.float(), 1e-2)
+    assert ((logit(features[:, 14]) > 0) == labels).float().mean() > 0.95
+    choice = probe.choose_probe(features, rows)
+    assert 14 in choice["chosen"]["layers"]
+    assert choice["chosen"]["cv"] > 0.9
+    noise_only = [g["cv"] for g in choice["grid"] if 14 not in g["layers"]]
+    assert max(noise_only) < 0.75
