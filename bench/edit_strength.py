@@ -7,7 +7,12 @@ A finished ``blasphemer run`` keeps its settings, directions and every trial's p
 study (``RUN_DIR/study.db``). Each edit ``DIRECTIONS:TRIALxSCALE`` is that trial's ablation
 with every kernel's ``max_weight`` and ``min_weight`` multiplied by ``SCALE``, removing either
 the run's own directions (``run``) or directions fitted again on the fit split with only the
-harmful prompts the original model refuses (``refused``; early verdicts as in the search).
+harmful prompts the original model refuses (``refused``; early verdicts as in the search), or
+directions fitted on the model's *answers* as the judge's readers labelled them (``answers``:
+refusals of every kind against compliant answers; ``substitutes``: safe substitutes against
+compliant answers; each layer's output averaged over the response tokens, the model reading
+Qwen's labelled answers to harmful prompts in ``bench/judge/``, those to the probed prompts
+left out). ``+`` joins two sources into one edit that removes both, e.g. ``run+substitutes``.
 Each edit and the original answer public harmful prompts greedily in full (the run's
 ``max_new_tokens``), judged by the refusal markers and by the semantic judge, and KL is measured
 on public harmless prompts. The prompts default to ``harmful_test.json[100:200]`` and
@@ -19,6 +24,7 @@ uses the first 100, so probing here leaves it unseen. Writes every number and an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -57,13 +63,16 @@ def scaled(parameters: AblationParameters, factor: float) -> AblationParameters:
     return dataclasses.replace(parameters, kernels=kernels)
 
 
+SOURCES = ("run", "refused", "answers", "substitutes")
+
+
 def parse_edits(text: str) -> list[tuple[str, int, float]]:
     """``run:5x1.0,refused:11x1.3`` -> ``[("run", 5, 1.0), ("refused", 11, 1.3)]``."""
     edits = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         source, _, rest = item.partition(":")
         trial, _, factor = rest.partition("x")
-        if source not in ("run", "refused") or not trial.isdigit() or not factor:
+        if not set(source.split("+")) <= set(SOURCES) or not trial.isdigit() or not factor:
             raise SystemExit(f"bad edit {item!r}: write DIRECTIONS:TRIALxSCALE, e.g. run:5x1.3")
         edits.append((source, int(trial), float(factor)))
     return edits
@@ -79,6 +88,54 @@ def refused_directions(ctx: Any) -> tuple[Directions, int, int]:
     harmless = mean_residuals(ctx.loaded, ctx.model_map, ctx.prompts.harmless.fit, batch_size=size)
     projected = ctx.settings.projected_directions
     return compute_directions(harmful, harmless, projected=projected), len(refused), len(fit)
+
+
+def answer_directions(ctx: Any, left_out: set[str]) -> dict[str, Directions]:
+    """``answers`` and ``substitutes`` directions (see the module's text) from the labelled
+    answers of Qwen in ``bench/judge/`` to harmful prompts not in ``left_out``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "judge"))
+    import train as judge_training
+
+    folder = Path(__file__).resolve().parent / "judge"
+    rows = [
+        r
+        for r in judge_training.load_labelled(folder / "answers", folder / "labels")
+        if r["source"].startswith("qwen") and r["set"] == "harmful" and r["prompt"] not in left_out
+    ]
+    sums: dict[str, list[Any]] = {}
+    tokenizer, model = ctx.loaded.tokenizer, ctx.loaded.model
+    for row in rows:
+        head = tokenizer(prompts.render(tokenizer, [row["prompt"]])[0], add_special_tokens=False)
+        reply = tokenizer(row["response"] or " ", add_special_tokens=False).input_ids[:128]
+        ids = torch.tensor([head.input_ids + reply])
+        states = model.model(ids, output_hidden_states=True).hidden_states[1:]
+        means = torch.stack([h[0, len(head.input_ids) :].mean(0) for h in states]).double()
+        kind = "substitute" if row["kind"] == "substitute" else str(row["refusal"])
+        total = sums.setdefault(kind, [0, 0])
+        total[0], total[1] = total[0] + means, total[1] + 1
+    print(f"answers read: { {k: v[1] for k, v in sums.items()} }", flush=True)
+    compliant = sums["False"][0] / sums["False"][1]
+    refusals = (sums["True"][0] + sums["substitute"][0]) / (sums["True"][1] + sums["substitute"][1])
+
+    def fitted(difference: torch.Tensor) -> Directions:
+        unit = torch.nn.functional.normalize(difference, dim=1)
+        return Directions(unit.float(), difference.norm(dim=1).float())
+
+    substitutes = sums["substitute"][0] / sums["substitute"][1]
+    return {"answers": fitted(refusals - compliant), "substitutes": fitted(substitutes - compliant)}
+
+
+class Joined:
+    """Two or more ablations applied together (each undone on exit)."""
+
+    def __init__(self, edits: list[Ablation]) -> None:
+        self.edits = edits
+
+    def apply(self, model_map: Any) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for edit in self.edits:
+            stack.enter_context(edit.apply(model_map))
+        return stack
 
 
 @dataclasses.dataclass
@@ -98,7 +155,7 @@ class Probe:
     answers: RefusalScorer
     judge: Judge
 
-    def measure(self, name: str, edit: Ablation | None) -> dict[str, Any]:
+    def measure(self, name: str, edit: Ablation | Joined | None) -> dict[str, Any]:
         """Answers and KL with ``edit`` applied (None: the original model), printed in a line."""
         started = time.perf_counter()
         if edit is None:
@@ -183,14 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     probe = open_run(args.run, window, args.batch_size)
     directions = {"run": probe.directions}
     report: dict[str, Any] = {"run": str(args.run), "settings": probe.stored, "edits": {}}
-    if any(source == "refused" for source, _, _ in edits):
+    wanted = {part for source, _, _ in edits for part in source.split("+")}
+    if "refused" in wanted:
         directions["refused"], kept, total = refused_directions(probe.ctx)
         report["refused_fit_prompts"] = f"{kept}/{total}"
         print(f"fit prompts the original refuses: {kept}/{total}", flush=True)
+    if wanted & {"answers", "substitutes"}:
+        directions.update(answer_directions(probe.ctx, set(probe.harm)))
+        run = probe.directions.vectors.double()
+        report["cosine_with_run_directions"] = {
+            name: [round(float(c), 3) for c in (directions[name].vectors.double() * run).sum(1)]
+            for name in ("answers", "substitutes")
+        }
+        print(f"cosines with the run's directions: {report['cosine_with_run_directions']}")
     report["prompts"] = f"harmful_test.json[{window.start}:{window.stop}] and harmless_test"
     report["edits"]["original"] = probe.measure("original", None)
     for source, number, factor in edits:
-        edit = Ablation(directions[source], scaled(probe.trials[number], factor))
+        parameters = scaled(probe.trials[number], factor)
+        edit = Joined([Ablation(directions[part], parameters) for part in source.split("+")])
         report["edits"][f"{source}:{number}x{factor}"] = probe.measure(
             f"{source}:{number}x{factor}", edit
         )

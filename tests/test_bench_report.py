@@ -306,7 +306,11 @@ def test_edit_strength_reads_edits_and_scales_every_kernel() -> None:
         ("run", 5, 1.0),
         ("refused", 11, 1.3),
     ]
-    for bad in ("5x1.0", "other:5x1", "run:ax1", "run:5"):
+    assert edit_strength.parse_edits("answers:5x1,run+substitutes:5x2") == [
+        ("answers", 5, 1.0),
+        ("run+substitutes", 5, 2.0),
+    ]
+    for bad in ("5x1.0", "other:5x1", "run:ax1", "run:5", "run+other:5x1"):
         with pytest.raises(SystemExit, match="DIRECTIONS:TRIALxSCALE"):
             edit_strength.parse_edits(bad)
     kernels = {
@@ -366,3 +370,25 @@ def test_judge_probe_logistic_fit_and_cross_validated_choice() -> None:
     assert choice["chosen"]["cv"] > 0.9
     noise_only = [g["cv"] for g in choice["grid"] if 14 not in g["layers"]]
     assert max(noise_only) < 0.75
+
+
+def test_edit_strength_joined_edits_apply_in_order_and_undo_in_reverse() -> None:
+    import contextlib
+
+    import edit_strength
+
+    log: list[str] = []
+
+    class Edit:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @contextlib.contextmanager
+        def apply(self, model_map: object):
+            log.append(f"apply {self.name} to {model_map}")
+            yield
+            log.append(f"undo {self.name}")
+
+    with edit_strength.Joined([Edit("a"), Edit("b")]).apply("model"):  # type: ignore[list-item]
+        assert log == ["apply a to model", "apply b to model"]
+    assert log[2:] == ["undo b", "undo a"]
