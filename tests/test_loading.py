@@ -249,6 +249,24 @@ def test_loaded_model_generates(llama_dir: Path) -> None:
     assert output.shape == (2, batch["input_ids"].shape[1] + 2)
 
 
+def test_the_head_gets_a_contiguous_input(llama_dir: Path) -> None:
+    """``logits_to_keep`` hands the head a strided slice, which torch multiplies very slowly in
+    bfloat16 on a CPU: the loader makes it contiguous, and the kept logits stay those of the
+    full pass."""
+    loaded = load_model(str(llama_dir), dtypes=("bfloat16",), device_map="cpu")
+    seen: list[torch.Tensor] = []
+    head = loaded.model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    batch = loaded.tokenizer(
+        ["hello world how are you", "the capital of"], return_tensors="pt", padding=True
+    )
+    with torch.inference_mode():
+        kept = loaded.model(**batch, logits_to_keep=1).logits
+        full = loaded.model(**batch).logits[:, -1:, :]
+    assert seen[0].shape[1] == 1 and seen[0].is_contiguous()
+    torch.testing.assert_close(kept, full)
+
+
 def test_config_of_a_model_that_cannot_generate_text(tmp_path: Path) -> None:
     config = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2}
     (tmp_path / "config.json").write_text(json.dumps(config))

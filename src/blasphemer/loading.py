@@ -218,6 +218,7 @@ def _try_load(
             _forget_gguf_quantizer(model)
         model.eval()
         model.requires_grad_(False)
+        contiguous_head_input(model)
         if _next_token_logits_finite(model, tokenizer):
             return model, ""
         reason = "non-finite logits on a test prompt"
@@ -305,6 +306,27 @@ def _forget_gguf_quantizer(model: PreTrainedModel) -> None:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
+
+
+def contiguous_head_input(model: PreTrainedModel) -> None:
+    """Hand the output head a contiguous input.
+
+    With ``logits_to_keep`` the model slices its last positions out of the hidden states and
+    passes that strided view to the head. On a CPU torch then multiplies a bfloat16 view through
+    a path that copies the whole head weight for every row: on Qwen2.5 (vocabulary 151,936) the
+    head took 51 s for 32 prompts instead of 0.07 s, and half as long again in float32 (0.45 s
+    against 0.23 s). Copying the few kept positions first costs microseconds. The result can
+    differ from the strided product in the last bits (another summation order), never more.
+    """
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Module):
+        head.register_forward_pre_hook(_contiguous_first_input)
+
+
+def _contiguous_first_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return args
 
 
 def _next_token_logits_finite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
