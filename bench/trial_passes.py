@@ -12,6 +12,12 @@ the shared-prefix cache off and on, in alternating order over ``--repeats`` roun
 the median seconds of each and their ratio. It also checks that both settings give the same
 verdicts and KL values within float32 rounding, so a faster setting that changed results shows.
 
+``--lever dtype`` loads the model twice, in float32 and in bfloat16, fits directions in each,
+and times both passes of ``--edits`` edits drawn as above on each (both with the shared prefix
+and the layer cache, as a run has them). bfloat16 rounds: instead of equality it reports how
+many verdicts (the unedited model's and each edit's) and answers differ, and how far the KL
+values move.
+
 ``--lever layers`` compares the shared prefix alone with the shared prefix plus the layer cache
 (:mod:`blasphemer.evaluation.frozen`, which replays the layers below an edit's first edited
 layer). What that saves depends on where the edit starts, so it times ``--edits`` edits drawn
@@ -55,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decided-after", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lever", choices=("prefix", "layers"), default="prefix")
+    parser.add_argument("--lever", choices=("prefix", "layers", "dtype"), default="prefix")
     parser.add_argument("--edits", type=int, default=6, help="With --lever layers.")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.lever == "layers":
         return layer_cache_bench(args)
+    if args.lever == "dtype":
+        return dtype_bench(args)
     loaded, model_map, harmful, harmless, directions = _setup(args)
     ids = loaded.tokenizer(harmful, add_special_tokens=False)["input_ids"]
     shared = split_prefix(ids)
@@ -141,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, Any, list[str], list[str], Any]:
+def _setup(
+    args: argparse.Namespace, dtype: str = "float32"
+) -> tuple[Any, Any, list[str], list[str], Any]:
     """Threads, the fetched Qwen, the harmful and harmless pass prompts, and directions from
     32 + 32 other prompts the passes do not use."""
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    loaded = load_model(str(bench_models.fetch("qwen")), dtypes=["float32"], device_map="cpu")
+    loaded = load_model(str(bench_models.fetch("qwen")), dtypes=[dtype], device_map="cpu")
     model_map = architectures.resolve(loaded.model)
     harmful = prompts.render(loaded.tokenizer, _instructions("harmful_test.json", args.prompts))
     harmless = prompts.render(loaded.tokenizer, _instructions("harmless_test.json", args.prompts))
@@ -166,9 +176,7 @@ def layer_cache_bench(args: argparse.Namespace) -> int:
     """``--lever layers``: the shared prefix with and without the layer cache, over edits drawn
     from the search space."""
     loaded, model_map, harmful, harmless, directions = _setup(args)
-    space = SearchSpace.build(model_map.n_layers)
-    study = optuna.create_study(directions=["minimize"] * 2, sampler=RandomSampler(seed=0))
-    edits = [space.sample(study.ask()) for _ in range(args.edits)]
+    edits = _random_edits(model_map.n_layers, args.edits)
 
     layers = loaded.model.get_submodule(model_map.layers_path)
     assert isinstance(layers, torch.nn.ModuleList)
@@ -251,6 +259,108 @@ def layer_cache_bench(args: argparse.Namespace) -> int:
         "cache_strides": [c.stride for c in caches],
         "rows": rows,
         "ratio_all_edits": lever_total / base_total,
+    }
+    print(json.dumps(report, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _random_edits(n_layers: int, count: int) -> list[AblationParameters]:
+    """``count`` edits drawn from the default search space as a study's start-up trials are."""
+    space = SearchSpace.build(n_layers)
+    study = optuna.create_study(directions=["minimize"] * 2, sampler=RandomSampler(seed=0))
+    return [space.sample(study.ask()) for _ in range(count)]
+
+
+def dtype_bench(args: argparse.Namespace) -> int:
+    """``--lever dtype``: both passes in float32 and in bfloat16, over edits drawn from the
+    search space; the agreement of verdicts, answers and KL values between the two."""
+    lanes: dict[str, dict[str, Any]] = {}
+    for dtype in ("float32", "bfloat16"):
+        started = time.perf_counter()
+        loaded, model_map, harmful, harmless, directions = _setup(args, dtype)
+        layers = loaded.model.get_submodule(model_map.layers_path)
+        caches = [LayerCache(layers, loaded.model.get_input_embeddings()) for _ in range(2)]
+        kl = KLScorer(loaded, harmless, batch_size=args.batch_size, layer_cache=caches[0])
+        refusals = RefusalScorer(
+            loaded,
+            harmful,
+            max_new_tokens=args.tokens,
+            decided_after=args.decided_after,
+            batch_size=args.batch_size,
+            layer_cache=caches[1],
+        )
+        original = refusals.evaluate()  # records the refusal pass's layer cache
+        lanes[dtype] = {
+            "model_map": model_map,
+            "directions": directions,
+            "scorers": (kl, refusals),
+            "setup_seconds": time.perf_counter() - started,
+            "original": list(original.refused),
+        }
+        print(f"{dtype}: set up in {lanes[dtype]['setup_seconds']:.0f} s", flush=True)
+    n_layers = lanes["float32"]["model_map"].n_layers
+    rows = []
+    for number, parameters in enumerate(_random_edits(n_layers, args.edits)):
+        results: dict[str, Any] = {}
+        times: dict[str, dict[str, list[float]]] = {d: {"kl": [], "refusals": []} for d in lanes}
+        for round_ in range(args.repeats):
+            order = list(lanes) if (round_ + number) % 2 == 0 else list(reversed(lanes))
+            for dtype in order:
+                lane = lanes[dtype]
+                kl, refusals = lane["scorers"]
+                with Ablation(lane["directions"], parameters).apply(lane["model_map"]):
+                    started = time.perf_counter()
+                    divergence = kl.per_prompt()
+                    times[dtype]["kl"].append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    verdicts = refusals.evaluate()
+                    times[dtype]["refusals"].append(time.perf_counter() - started)
+                results[dtype] = (divergence, verdicts)
+        (kl_a, verdicts_a), (kl_b, verdicts_b) = results.values()
+        medians = {d: {k: statistics.median(v) for k, v in t.items()} for d, t in times.items()}
+        row = {
+            "edit": number,
+            "median_seconds": medians,
+            "ratio_trial": sum(medians["bfloat16"].values()) / sum(medians["float32"].values()),
+            "refused": [sum(verdicts_a.refused), sum(verdicts_b.refused)],
+            "verdicts_differing": sum(
+                a != b for a, b in zip(verdicts_a.refused, verdicts_b.refused, strict=True)
+            ),
+            "answers_differing": sum(
+                a.tokens != b.tokens
+                for a, b in zip(verdicts_a.verdicts, verdicts_b.verdicts, strict=True)
+            ),
+            "kl_mean": [float(kl_a.mean()), float(kl_b.mean())],
+            "kl_max_abs_difference": float((kl_a - kl_b).abs().max()),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    totals = {d: sum(sum(row["median_seconds"][d].values()) for row in rows) for d in lanes}
+    originals = [lanes[d]["original"] for d in lanes]
+    cosines = torch.nn.functional.cosine_similarity(
+        lanes["float32"]["directions"].vectors, lanes["bfloat16"]["directions"].vectors, dim=-1
+    )
+    report = {
+        "model": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "lever": "bfloat16 against float32 (shared prefix and layer cache in both)",
+        "prompts": args.prompts,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.tokens,
+        "decided_after": args.decided_after,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "edits": len(rows),
+        "setup_seconds": {d: lanes[d]["setup_seconds"] for d in lanes},
+        "original_refused": [sum(o) for o in originals],
+        "original_verdicts_differing": sum(a != b for a, b in zip(*originals, strict=True)),
+        "direction_cosine_min": float(cosines.min()),
+        "rows": rows,
+        "ratio_all_edits": totals["bfloat16"] / totals["float32"],
+        "verdicts_differing_all_edits": sum(row["verdicts_differing"] for row in rows),
+        "verdicts_all_edits": len(rows) * args.prompts,
     }
     print(json.dumps(report, indent=2))
     if args.out is not None:

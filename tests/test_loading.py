@@ -267,6 +267,19 @@ def test_the_head_gets_a_contiguous_input(llama_dir: Path) -> None:
     torch.testing.assert_close(kept, full)
 
 
+def test_bfloat16_on_a_cpu_without_its_instructions_gets_a_hint(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = load_model(str(llama_dir), dtypes=("bfloat16",), device_map="cpu")
+    monkeypatch.setattr(loading, "cpu_has_bfloat16", lambda: False)
+    hint = loading.slow_dtype_hint(loaded)
+    assert hint is not None and "--dtypes float32" in hint and "\n" not in hint
+    monkeypatch.setattr(loading, "cpu_has_bfloat16", lambda: True)
+    assert loading.slow_dtype_hint(loaded) is None
+    monkeypatch.setattr(loading, "cpu_has_bfloat16", lambda: False)
+    assert loading.slow_dtype_hint(load_model(str(llama_dir), dtypes=("float32",))) is None
+
+
 def test_config_of_a_model_that_cannot_generate_text(tmp_path: Path) -> None:
     config = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2}
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -329,6 +329,29 @@ def _contiguous_first_input(module: torch.nn.Module, args: tuple[Any, ...]) -> t
     return args
 
 
+def slow_dtype_hint(loaded: LoadedModel) -> str | None:
+    """A one-line hint when the model runs in bfloat16 on a CPU without bfloat16 instructions
+    (AVX512-BF16 or AMX), where float32 is likely faster; else None. Where the instructions
+    exist bfloat16 takes half float32's time (Qwen2.5-0.5B on an AVX512-BF16 CPU:
+    bench/results/2026-12-03-bfloat16.md)."""
+    if loaded.dtype != torch.bfloat16 or loaded.input_device.type != "cpu":
+        return None
+    if cpu_has_bfloat16():
+        return None
+    return (
+        "this CPU has no bfloat16 instructions (AVX512-BF16 or AMX): "
+        "--dtypes float32 is likely faster"
+    )
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether torch's CPU kernels have native bfloat16 here (oneDNN's own check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _next_token_logits_finite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
     """Greedy one-token check: are the next-token logits of a short prompt all finite?"""
     encoded = tokenizer([_SANITY_PROMPT], return_tensors="pt")

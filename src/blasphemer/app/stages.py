@@ -144,6 +144,9 @@ def map_model(
         f"{model_map.spec_name}: {model_map.n_layers} layers, hidden {model_map.hidden_size}, "
         f"{writers} writers, dtype {str(loaded.dtype).removeprefix('torch.')}"
     )
+    hint = loading.slow_dtype_hint(loaded)
+    if hint is not None:
+        console.warn(hint)
     return model_map
 
 
