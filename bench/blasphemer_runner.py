@@ -64,12 +64,13 @@ class BlasphemerOptions:
     n_startup_trials: int | None = None  # None: Blasphemer's default
     batch_size: int | None = None  # None: Blasphemer measures it
     extra_args: tuple[str, ...] = ()
+    dtype: str = "float32"
 
 
 def run_command(
     exe: Path, options: BlasphemerOptions, output_dir: Path, run_dir: Path
 ) -> list[str]:
-    """The ``blasphemer run`` command line for one benchmark run (CPU, float32, no questions)."""
+    """The ``blasphemer run`` command line for one benchmark run (CPU, no questions)."""
     command = [
         str(exe),
         "run",
@@ -80,7 +81,7 @@ def run_command(
         "--n-report-prompts", str(options.n_report_prompts),
         "--max-new-tokens", str(options.max_new_tokens),
         "--seed", str(options.seed),
-        "--dtypes", "float32",
+        "--dtypes", options.dtype,
         "--device-map", "cpu",
         "--exact-verdicts" if options.exact_verdicts else "--no-exact-verdicts",
         "--yes",

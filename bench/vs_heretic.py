@@ -119,6 +119,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the wall time on a machine with a core per tool; both then share memory bandwidth",
     )
     add("--modes", default="early,exact", help="Blasphemer modes: early, exact or early,exact")
+    add(
+        "--blasphemer-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="Blasphemer's dtype (default float32, Heretic's always; bfloat16 pays on a CPU "
+        "with AVX512-BF16 or AMX, and Heretic's generate-based passes are slower in it there)",
+    )
     add("--max-front", type=int, help="front models scored per tool (default 8)")
     add(
         "--refusal-threshold",
@@ -333,6 +340,7 @@ def benchmark(args: argparse.Namespace) -> Path:
             exact_verdicts=mode == "exact",
             n_startup_trials=startup,
             batch_size=args.batch_size,
+            dtype=args.blasphemer_dtype,
         )
 
     runs, first = run_all(args, workdir, plans)
@@ -410,6 +418,7 @@ def finish(
             ],
             "batch_size": args.batch_size,
             "modes": args.modes,
+            "blasphemer_dtype": getattr(args, "blasphemer_dtype", "float32"),
             "refusal_threshold": args.refusal_threshold,
             "heretic_version": heretic_driver.HERETIC_VERSION,
             "machine": machine(),

@@ -286,7 +286,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{setup['n_eval']} harmless evaluation prompts; {setup['n_fit']} + {setup['n_fit']} fit "
         f"prompts; responses of {setup['max_new_tokens']} tokens; {setup['threads']} thread(s); "
         f"{setup['startup_note']}; refusal markers: {setup['heretic_markers']}; system prompt "
-        f"{setup['system_prompt']!r}; seed {setup['seed']}. Medians of {setup['repeats']} "
+        f"{setup['system_prompt']!r}; seed {setup['seed']}; Heretic in float32, Blasphemer in "
+        f"{setup.get('blasphemer_dtype', 'float32')}. Medians of {setup['repeats']} "
         f"interleaved repeat(s) on {setup['machine']}; "
         f"{setup.get('schedule', 'one tool at a time')}.",
         "",

@@ -260,6 +260,8 @@ def test_blasphemer_command_matches_the_comparison_settings(tmp_path: Path) -> N
     assert "--exact-verdicts" in exact
     assert exact[exact.index("--batch-size") + 1] == "8"
     assert exact[exact.index("--n-startup-trials") + 1] == "15"
+    half = blasphemer_runner.run_command(Path("b"), options(dtype="bfloat16"), tmp_path, tmp_path)
+    assert half[half.index("--dtypes") + 1] == "bfloat16"
 
 
 def test_read_trials_takes_times_from_the_study_database(tmp_path: Path) -> None:

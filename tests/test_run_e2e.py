@@ -305,6 +305,9 @@ def test_confirm_front_gives_the_front_of_exact_verdicts(
         data = _results(folder / "out")
         trials = {t["number"]: t for t in data["trials"]}
         fronts[mode] = [(n, trials[n]["refusals"], trials[n]["kl"]) for n in data["pareto_front"]]
+        # The original's select count says how it was judged.
+        judged = "early verdicts" if mode == "--confirm-front" else "whole answers"
+        assert f"harmful select prompts (markers, {judged})" in done.out
         if mode == "--confirm-front":
             assert all(trials[n]["early_refusals"] is not None for n in data["pareto_front"])
             assert "confirm_front" in data["timings_s"] and "on whole answers" in done.out

@@ -88,11 +88,12 @@ def _run(settings: Settings, console: Console) -> RunResult:
     console.stage(6, STAGES, "Measuring the original model (select split)")
     scorers = ctx.select_scorers()
     baseline = scorers.refusals.evaluate()
-    judged_by = (
-        "the semantic judge, whole answers"
-        if settings.search_judge == "semantic"
-        else "markers, early verdicts"
-    )
+    if settings.search_judge == "semantic":
+        judged_by = "the semantic judge, whole answers"
+    elif settings.exact_verdicts or settings.decided_after >= settings.max_new_tokens:
+        judged_by = "markers, whole answers"
+    else:
+        judged_by = "markers, early verdicts"
     console.info(
         f"original model refuses {baseline.rate:.1%} of the harmful select prompts ({judged_by})"
     )
