@@ -125,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     base, lever = medians["whole prompts"], medians["shared prefix"]
     report = {
         "model": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        "prompts": args.prompts,
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.tokens,
-        "decided_after": args.decided_after,
-        "threads": args.threads,
-        "repeats": args.repeats,
+        **_settings(args),
         "shared_prefix_tokens": len(shared.prefix),
         "mean_prompt_tokens": mean_length,
         "median_seconds": medians,
@@ -142,10 +137,27 @@ def main(argv: list[str] | None = None) -> int:
         "kl_max_abs_difference": float((kl_whole - kl_shared).abs().max()),
         "kl_mean": [float(kl_whole.mean()), float(kl_shared.mean())],
     }
+    return _emit(report, args.out)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The pass settings every report records."""
+    return {
+        "prompts": args.prompts,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.tokens,
+        "decided_after": args.decided_after,
+        "threads": args.threads,
+        "repeats": args.repeats,
+    }
+
+
+def _emit(report: dict[str, Any], out: Path | None) -> int:
+    """Print the report, and write it to ``out`` when given."""
     print(json.dumps(report, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
@@ -246,12 +258,7 @@ def layer_cache_bench(args: argparse.Namespace) -> int:
     report = {
         "model": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "lever": "layer cache (with the shared prefix in both)",
-        "prompts": args.prompts,
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.tokens,
-        "decided_after": args.decided_after,
-        "threads": args.threads,
-        "repeats": args.repeats,
+        **_settings(args),
         "edits": len(rows),
         "layers": model_map.n_layers,
         "setup_seconds": setup,
@@ -260,11 +267,7 @@ def layer_cache_bench(args: argparse.Namespace) -> int:
         "rows": rows,
         "ratio_all_edits": lever_total / base_total,
     }
-    print(json.dumps(report, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return _emit(report, args.out)
 
 
 def _random_edits(n_layers: int, count: int) -> list[AblationParameters]:
@@ -346,12 +349,7 @@ def dtype_bench(args: argparse.Namespace) -> int:
     report = {
         "model": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "lever": "bfloat16 against float32 (shared prefix and layer cache in both)",
-        "prompts": args.prompts,
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.tokens,
-        "decided_after": args.decided_after,
-        "threads": args.threads,
-        "repeats": args.repeats,
+        **_settings(args),
         "edits": len(rows),
         "setup_seconds": {d: lanes[d]["setup_seconds"] for d in lanes},
         "original_refused": [sum(o) for o in originals],
@@ -362,11 +360,7 @@ def dtype_bench(args: argparse.Namespace) -> int:
         "verdicts_differing_all_edits": sum(row["verdicts_differing"] for row in rows),
         "verdicts_all_edits": len(rows) * args.prompts,
     }
-    print(json.dumps(report, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return _emit(report, args.out)
 
 
 if __name__ == "__main__":
