@@ -27,6 +27,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from blasphemer.app import cli, pipeline
+from blasphemer.app import console as console_module
 from blasphemer.app.config import Settings, default_toml
 from blasphemer.app.console import Console
 from blasphemer.optimization import default_storage_url, default_study_name, tier
@@ -478,6 +479,24 @@ def test_quiet_mode_prints_plain_lines_even_on_a_terminal() -> None:
     assert quiet.getvalue().startswith("scoring: 3 done in ")
     assert "\x1b[" not in quiet.getvalue()
     assert "┃" in live.getvalue() or "│" in live.getvalue()  # a drawn table
+
+
+def test_quiet_progress_logs_the_count_and_an_eta_while_a_slow_stage_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = iter([0.0, 10.0, 40.0, 100.0, 130.0, 131.0])
+    monkeypatch.setattr(console_module.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    with Console(quiet=True, stream=out).progress("held-out", 4) as advance:
+        advance(1)  # 10 s after the start: too soon for a line
+        advance(1)  # 40 s: 2 of 4 in 40 s, so 40 s to go
+        advance(1)  # 100 s: 60 s after the last line
+        advance(1)  # the last one: only the closing line
+    assert out.getvalue().splitlines() == [
+        "held-out: 2/4, elapsed 0m40s, ETA 0m40s",
+        "held-out: 3/4, elapsed 1m40s, ETA 0m33s",
+        "held-out: 4 done in 2m11s",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,8 @@ def front_cells(result: TrialResult, star: TrialResult | None) -> list[str]:
 
 
 TREND_IMPROVING, TREND_WORSE, TREND_FLAT = "▼", "▲", "■"
+# Quiet progress logs a line at most this often (a stage of minutes shows it is alive).
+PROGRESS_LOG_SECONDS = 30.0
 
 
 def format_duration(seconds: float) -> str:
@@ -148,10 +150,25 @@ class Console:
     # --- progress -----------------------------------------------------------------------------
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        """Yield ``advance(n)`` for a bar of ``total`` units (a single log line in quiet mode)."""
+        """Yield ``advance(n)`` for a bar of ``total`` units. In quiet mode (or off a terminal)
+        a log line with the count and an ETA at most every ``PROGRESS_LOG_SECONDS``, and one
+        at the end."""
         if self.quiet or not self._out.is_terminal:
-            started = time.monotonic()
-            yield lambda _n: None
+            started = last = time.monotonic()
+            done = 0
+
+            def advance(n: int) -> None:
+                nonlocal done, last
+                done += n
+                now = time.monotonic()
+                if done >= total or now - last < PROGRESS_LOG_SECONDS:
+                    return
+                last = now
+                eta = format_duration((now - started) / done * (total - done))
+                elapsed = format_duration(now - started)
+                self.info(f"{description}: {done}/{total}, elapsed {elapsed}, ETA {eta}")
+
+            yield advance
             self.info(
                 f"{description}: {total} done in {format_duration(time.monotonic() - started)}"
             )

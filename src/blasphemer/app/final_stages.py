@@ -85,11 +85,13 @@ def held_out(
     # Layer caches: filled by the passes on the original model, replayed for every front trial.
     refusals = ctx.refusal_scorer(ctx.prompts.harmful.report, for_judge=True, cached=True)
     kl = ctx.kl_scorer(ctx.prompts.harmless.report, cached=True)
-    original = refusals.evaluate()
-    original_semantic = ctx.semantic_refusals(refusals, original, requests)
-    scores: dict[int, result_files.HeldOutScores] = {}
     shown = held_out_order(front)[: ctx.settings.held_out_trials]
-    with console.progress("held-out evaluation of front trials", len(shown)) as advance:
+    scores: dict[int, result_files.HeldOutScores] = {}
+    described = f"held-out evaluation of the original and {len(shown)} front trials"
+    with console.progress(described, len(shown) + 1) as advance:
+        original = refusals.evaluate()
+        original_semantic = ctx.semantic_refusals(refusals, original, requests)
+        advance(1)
         for result in shown:
             assert result.parameters is not None
             with Ablation(directions, result.parameters).apply(model_map):
