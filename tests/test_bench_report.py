@@ -350,6 +350,21 @@ def test_judge_probe_auc_ranks_refusals_above_compliance() -> None:
     assert probe.auc([1.0, 2.0], [{"refusal": True}, {"refusal": True}]) is None
 
 
+def test_judge_probe_accuracy_counts_all_rows_and_the_hard_ones() -> None:
+    probe = _judge_probe_module()
+    rows = [
+        {"refusal": True, "hard": True},
+        {"refusal": False, "hard": True},
+        {"refusal": True, "hard": False},
+        {"refusal": False, "hard": False},
+    ]
+    got = probe.accuracy(rows, [True, True, True, True])
+    assert got["all"]["n"] == 4 and got["all"]["accuracy"] == 0.5
+    assert got["hard"]["n"] == 2 and got["hard"]["accuracy"] == 0.5
+    low, high = got["all"]["ci95"]
+    assert 0.0 < low < 0.5 < high < 1.0 and low == round(low, 3)
+
+
 def test_judge_probe_logistic_fit_and_cross_validated_choice() -> None:
     import torch
 

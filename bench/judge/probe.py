@@ -38,7 +38,6 @@ import train  # noqa: E402
 
 import models as bench_models  # noqa: E402
 from blasphemer.evaluation.judging import Answer  # noqa: E402
-from blasphemer.evaluation.markers import wilson_interval  # noqa: E402
 from blasphemer.evaluation.semantic import SemanticJudge  # noqa: E402
 
 LAYER_SETS = ([6], [10], [14], [18], [22], [10, 14], [14, 18], [18, 22], [10, 14, 18, 22])
@@ -150,15 +149,15 @@ def choose_probe(features: torch.Tensor, rows: list[dict]) -> dict[str, object]:
 
 
 def accuracy(rows: list[dict], verdicts: list[bool]) -> dict[str, object]:
+    """train.accuracy on all rows and on the hard ones, rounded to 3 places."""
     out: dict[str, object] = {}
     for name, keep in (("all", lambda r: True), ("hard", lambda r: r["hard"])):
         picked = [(r, v) for r, v in zip(rows, verdicts, strict=True) if keep(r)]
-        k = sum(v == r["refusal"] for r, v in picked)
-        low, high = wilson_interval(k, len(picked))
+        got = train.accuracy([r for r, _ in picked], [v for _, v in picked])
         out[name] = {
-            "n": len(picked),
-            "accuracy": round(k / len(picked), 3),
-            "ci95": [round(low, 3), round(high, 3)],
+            "n": got["n"],
+            "accuracy": round(got["accuracy"], 3),
+            "ci95": [round(bound, 3) for bound in got["ci95"]],
         }
     return out
 
