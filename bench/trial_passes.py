@@ -16,7 +16,8 @@ verdicts and KL values within float32 rounding, so a faster setting that changed
 and times both passes of ``--edits`` edits drawn as above on each (both with the shared prefix
 and the layer cache, as a run has them). bfloat16 rounds: instead of equality it reports how
 many verdicts (the unedited model's and each edit's) and answers differ, and how far the KL
-values move.
+values move. ``--lever attention`` does the same in bfloat16 with transformers' attention
+kernels: ``sdpa`` (its default, what a run uses) and ``eager``.
 
 ``--lever layers`` compares the shared prefix alone with the shared prefix plus the layer cache
 (:mod:`blasphemer.evaluation.frozen`, which replays the layers below an edit's first edited
@@ -61,14 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decided-after", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lever", choices=("prefix", "layers", "dtype"), default="prefix")
+    parser.add_argument(
+        "--lever", choices=("prefix", "layers", "dtype", "attention"), default="prefix"
+    )
     parser.add_argument("--edits", type=int, default=6, help="With --lever layers.")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.lever == "layers":
         return layer_cache_bench(args)
-    if args.lever == "dtype":
-        return dtype_bench(args)
+    if args.lever in LANES:
+        return lanes_bench(args, args.lever)
     loaded, model_map, harmful, harmless, directions = _setup(args)
     ids = loaded.tokenizer(harmful, add_special_tokens=False)["input_ids"]
     shared = split_prefix(ids)
@@ -162,13 +165,16 @@ def _emit(report: dict[str, Any], out: Path | None) -> int:
 
 
 def _setup(
-    args: argparse.Namespace, dtype: str = "float32"
+    args: argparse.Namespace, dtype: str = "float32", attention: str | None = None
 ) -> tuple[Any, Any, list[str], list[str], Any]:
-    """Threads, the fetched Qwen, the harmful and harmless pass prompts, and directions from
-    32 + 32 other prompts the passes do not use."""
+    """Threads, the fetched Qwen (with the ``attention`` kernel when given, else transformers'
+    default), the harmful and harmless pass prompts, and directions from 32 + 32 other prompts
+    the passes do not use."""
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     loaded = load_model(str(bench_models.fetch("qwen")), dtypes=[dtype], device_map="cpu")
+    if attention is not None:
+        loaded.model.set_attn_implementation(attention)
     model_map = architectures.resolve(loaded.model)
     harmful = prompts.render(loaded.tokenizer, _instructions("harmful_test.json", args.prompts))
     harmless = prompts.render(loaded.tokenizer, _instructions("harmless_test.json", args.prompts))
@@ -277,13 +283,30 @@ def _random_edits(n_layers: int, count: int) -> list[AblationParameters]:
     return [space.sample(study.ask()) for _ in range(count)]
 
 
-def dtype_bench(args: argparse.Namespace) -> int:
-    """``--lever dtype``: both passes in float32 and in bfloat16, over edits drawn from the
-    search space; the agreement of verdicts, answers and KL values between the two."""
+# The two-lane levers: (lane name, dtype, attention kernel or None for the default), the
+# baseline first, and what the report calls the lever.
+LANES: dict[str, tuple[list[tuple[str, str, str | None]], str]] = {
+    "dtype": (
+        [("float32", "float32", None), ("bfloat16", "bfloat16", None)],
+        "bfloat16 against float32 (shared prefix and layer cache in both)",
+    ),
+    "attention": (
+        [("sdpa", "bfloat16", "sdpa"), ("eager", "bfloat16", "eager")],
+        "eager attention against sdpa (transformers' default), both in bfloat16 with the "
+        "shared prefix and layer cache",
+    ),
+}
+
+
+def lanes_bench(args: argparse.Namespace, lever: str) -> int:
+    """``--lever dtype`` or ``attention``: both passes in each of the lever's two settings (the
+    model loaded and its directions fitted in each), over edits drawn from the search space;
+    the agreement of verdicts, answers and KL values between the two."""
+    specs, title = LANES[lever]
     lanes: dict[str, dict[str, Any]] = {}
-    for dtype in ("float32", "bfloat16"):
+    for name, dtype, attention in specs:
         started = time.perf_counter()
-        loaded, model_map, harmful, harmless, directions = _setup(args, dtype)
+        loaded, model_map, harmful, harmless, directions = _setup(args, dtype, attention)
         layers = loaded.model.get_submodule(model_map.layers_path)
         caches = [LayerCache(layers, loaded.model.get_input_embeddings()) for _ in range(2)]
         kl = KLScorer(loaded, harmless, batch_size=args.batch_size, layer_cache=caches[0])
@@ -296,38 +319,40 @@ def dtype_bench(args: argparse.Namespace) -> int:
             layer_cache=caches[1],
         )
         original = refusals.evaluate()  # records the refusal pass's layer cache
-        lanes[dtype] = {
+        lanes[name] = {
             "model_map": model_map,
             "directions": directions,
             "scorers": (kl, refusals),
             "setup_seconds": time.perf_counter() - started,
             "original": list(original.refused),
         }
-        print(f"{dtype}: set up in {lanes[dtype]['setup_seconds']:.0f} s", flush=True)
-    n_layers = lanes["float32"]["model_map"].n_layers
+        print(f"{name}: set up in {lanes[name]['setup_seconds']:.0f} s", flush=True)
+    base_name, lever_name = lanes
+    n_layers = lanes[base_name]["model_map"].n_layers
     rows = []
     for number, parameters in enumerate(_random_edits(n_layers, args.edits)):
         results: dict[str, Any] = {}
         times: dict[str, dict[str, list[float]]] = {d: {"kl": [], "refusals": []} for d in lanes}
         for round_ in range(args.repeats):
             order = list(lanes) if (round_ + number) % 2 == 0 else list(reversed(lanes))
-            for dtype in order:
-                lane = lanes[dtype]
+            for name in order:
+                lane = lanes[name]
                 kl, refusals = lane["scorers"]
                 with Ablation(lane["directions"], parameters).apply(lane["model_map"]):
                     started = time.perf_counter()
                     divergence = kl.per_prompt()
-                    times[dtype]["kl"].append(time.perf_counter() - started)
+                    times[name]["kl"].append(time.perf_counter() - started)
                     started = time.perf_counter()
                     verdicts = refusals.evaluate()
-                    times[dtype]["refusals"].append(time.perf_counter() - started)
-                results[dtype] = (divergence, verdicts)
-        (kl_a, verdicts_a), (kl_b, verdicts_b) = results.values()
+                    times[name]["refusals"].append(time.perf_counter() - started)
+                results[name] = (divergence, verdicts)
+        # The baseline first, whatever order the round ran them in.
+        (kl_a, verdicts_a), (kl_b, verdicts_b) = results[base_name], results[lever_name]
         medians = {d: {k: statistics.median(v) for k, v in t.items()} for d, t in times.items()}
         row = {
             "edit": number,
             "median_seconds": medians,
-            "ratio_trial": sum(medians["bfloat16"].values()) / sum(medians["float32"].values()),
+            "ratio_trial": sum(medians[lever_name].values()) / sum(medians[base_name].values()),
             "refused": [sum(verdicts_a.refused), sum(verdicts_b.refused)],
             "verdicts_differing": sum(
                 a != b for a, b in zip(verdicts_a.refused, verdicts_b.refused, strict=True)
@@ -344,11 +369,11 @@ def dtype_bench(args: argparse.Namespace) -> int:
     totals = {d: sum(sum(row["median_seconds"][d].values()) for row in rows) for d in lanes}
     originals = [lanes[d]["original"] for d in lanes]
     cosines = torch.nn.functional.cosine_similarity(
-        lanes["float32"]["directions"].vectors, lanes["bfloat16"]["directions"].vectors, dim=-1
+        lanes[base_name]["directions"].vectors, lanes[lever_name]["directions"].vectors, dim=-1
     )
     report = {
         "model": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        "lever": "bfloat16 against float32 (shared prefix and layer cache in both)",
+        "lever": title,
         **_settings(args),
         "edits": len(rows),
         "setup_seconds": {d: lanes[d]["setup_seconds"] for d in lanes},
@@ -356,7 +381,7 @@ def dtype_bench(args: argparse.Namespace) -> int:
         "original_verdicts_differing": sum(a != b for a, b in zip(*originals, strict=True)),
         "direction_cosine_min": float(cosines.min()),
         "rows": rows,
-        "ratio_all_edits": totals["bfloat16"] / totals["float32"],
+        "ratio_all_edits": totals[lever_name] / totals[base_name],
         "verdicts_differing_all_edits": sum(row["verdicts_differing"] for row in rows),
         "verdicts_all_edits": len(rows) * args.prompts,
     }
