@@ -261,6 +261,37 @@ def _edit_rank_one(weight: torch.Tensor, seed: int) -> None:
     weight -= torch.outer(direction, direction @ weight)
 
 
+def test_a_gguf_is_asked_for_as_plain_layers(
+    demo_exports: dict[str, GgufExportResult],
+) -> None:
+    """Newer transformers keep a quantized GGUF's weights packed for the architectures their
+    new GGUF path covers when a matmul kernel is installed (the ``kernels`` package), and warn
+    on every GGUF loaded in another dtype than float32 that its weights "stay quantized". The
+    loader asks for plain layers, so neither depends on what else is installed."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from blasphemer.loading import load_model
+
+    said: list[str] = []
+    listener = logging.Handler()
+    listener.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    library = hf_logging.get_logger()  # transformers' root logger; it does not propagate
+    level = hf_logging.get_verbosity()
+    library.addHandler(listener)
+    hf_logging.set_verbosity_warning()
+    try:
+        loaded = load_model(str(demo_exports["q8_0"].path), dtypes=["bfloat16"], device_map="cpu")
+    finally:
+        hf_logging.set_verbosity(level)
+        library.removeHandler(listener)
+    assert not [line for line in said if "packed" in line or "stay quantized" in line]
+    kinds = {type(m).__name__ for m in loaded.model.modules() if "Linear" in type(m).__name__}
+    assert kinds == {"Linear"}
+    assert loaded.dtype == torch.bfloat16
+
+
 @pytest.fixture(scope="module")
 def demo_from_gguf(
     tmp_path_factory: pytest.TempPathFactory, demo_exports: dict[str, GgufExportResult]

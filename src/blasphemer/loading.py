@@ -195,6 +195,8 @@ def _try_load(
         "device_map": request.device_map,
         **source.kwargs(),
     }
+    if source.gguf is not None:
+        kwargs.update(gguf_dequantized())
     if request.quantization == "bnb_4bit":
         from transformers import BitsAndBytesConfig
 
@@ -247,6 +249,18 @@ def _try_load(
     del model
     _free_memory()
     return None, reason
+
+
+def gguf_dequantized() -> dict[str, Any]:
+    """``from_pretrained`` arguments that load a GGUF as plain float layers. Newer transformers
+    keep a quantized GGUF's weights packed (and switch the attention kernel) whenever the
+    ``kernels`` package is installed; edits, the layer cache and saving need plain weights, so
+    ask for them rather than depend on what else is installed. Older releases always unpack."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 @contextlib.contextmanager
