@@ -161,7 +161,7 @@ class Console:
                 nonlocal done, last
                 done += n
                 now = time.monotonic()
-                if done >= total or now - last < PROGRESS_LOG_SECONDS:
+                if not 0 < done < total or now - last < PROGRESS_LOG_SECONDS:
                     return
                 last = now
                 eta = format_duration((now - started) / done * (total - done))
