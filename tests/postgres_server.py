@@ -31,7 +31,11 @@ def _free_port() -> int:
 def _as_postgres(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run a server binary as the postgres user (initdb and postgres refuse to run as root)."""
     command = args if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--", *args]
-    return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    done = subprocess.run(command, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout or "").strip()
+        raise RuntimeError(f"{Path(args[0]).name} exited with {done.returncode}: {said}")
+    return done
 
 
 @dataclass
@@ -100,7 +104,7 @@ class PostgresServer:
         raise RuntimeError(f"PostgreSQL did not start; see {root / 'log'}")
 
     def stop(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):
+        with contextlib.suppress(RuntimeError):
             _as_postgres(
                 [
                     str(self.bin_dir / "pg_ctl"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -307,6 +308,7 @@ def demo_from_gguf(
     model.save_pretrained(saved)
     tokenizer.save_pretrained(saved)
     yield source, saved, model
+    shutil.rmtree(saved, ignore_errors=True)
 
 
 def test_source_mode_keeps_untouched_tensors_byte_identical(
@@ -357,6 +359,7 @@ def smollm2_edited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[P
     model.save_pretrained(saved)
     tokenizer.save_pretrained(saved)
     yield source, saved, model
+    shutil.rmtree(saved, ignore_errors=True)
 
 
 @pytest.mark.real
