@@ -17,7 +17,9 @@ and times both passes of ``--edits`` edits drawn as above on each (both with the
 and the layer cache, as a run has them). bfloat16 rounds: instead of equality it reports how
 many verdicts (the unedited model's and each edit's) and answers differ, and how far the KL
 values move. ``--lever attention`` does the same in bfloat16 with transformers' attention
-kernels: ``sdpa`` (its default, what a run uses) and ``eager``.
+kernels: ``sdpa`` (its default, what a run uses) and ``eager``. ``--lever window`` does it in
+bfloat16 with an answer decided after 16 clean tokens and after 8 (the model loaded in each lane,
+so each lane's layer cache holds its own refusal pass).
 
 ``--lever layers`` compares the shared prefix alone with the shared prefix plus the layer cache
 (:mod:`blasphemer.evaluation.frozen`, which replays the layers below an edit's first edited
@@ -62,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decided-after", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--lever", choices=("prefix", "layers", "dtype", "attention"), default="prefix"
-    )
+    parser.add_argument("--lever", choices=("prefix", "layers", *LANES), default="prefix")
     parser.add_argument("--edits", type=int, default=6, help="With --lever layers.")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -283,28 +283,35 @@ def _random_edits(n_layers: int, count: int) -> list[AblationParameters]:
     return [space.sample(study.ask()) for _ in range(count)]
 
 
-# The two-lane levers: (lane name, dtype, attention kernel or None for the default), the
-# baseline first, and what the report calls the lever.
-LANES: dict[str, tuple[list[tuple[str, str, str | None]], str]] = {
+# The two-lane levers: (lane name, dtype, attention kernel or None for the default, clean
+# tokens that decide an answer or None for --decided-after), the baseline first, and what the
+# report calls the lever.
+Lane = tuple[str, str, str | None, int | None]
+LANES: dict[str, tuple[list[Lane], str]] = {
     "dtype": (
-        [("float32", "float32", None), ("bfloat16", "bfloat16", None)],
+        [("float32", "float32", None, None), ("bfloat16", "bfloat16", None, None)],
         "bfloat16 against float32 (shared prefix and layer cache in both)",
     ),
     "attention": (
-        [("sdpa", "bfloat16", "sdpa"), ("eager", "bfloat16", "eager")],
+        [("sdpa", "bfloat16", "sdpa", None), ("eager", "bfloat16", "eager", None)],
         "eager attention against sdpa (transformers' default), both in bfloat16 with the "
         "shared prefix and layer cache",
+    ),
+    "window": (
+        [("16 clean tokens", "bfloat16", None, 16), ("8 clean tokens", "bfloat16", None, 8)],
+        "an answer decided after 8 clean tokens against 16, both in bfloat16 with the shared "
+        "prefix and layer cache",
     ),
 }
 
 
 def lanes_bench(args: argparse.Namespace, lever: str) -> int:
-    """``--lever dtype`` or ``attention``: both passes in each of the lever's two settings (the
-    model loaded and its directions fitted in each), over edits drawn from the search space;
-    the agreement of verdicts, answers and KL values between the two."""
+    """``--lever dtype``, ``attention`` or ``window``: both passes in each of the lever's two
+    settings (the model loaded and its directions fitted in each), over edits drawn from the
+    search space; the agreement of verdicts, answers and KL values between the two."""
     specs, title = LANES[lever]
     lanes: dict[str, dict[str, Any]] = {}
-    for name, dtype, attention in specs:
+    for name, dtype, attention, window in specs:
         started = time.perf_counter()
         loaded, model_map, harmful, harmless, directions = _setup(args, dtype, attention)
         layers = loaded.model.get_submodule(model_map.layers_path)
@@ -314,7 +321,7 @@ def lanes_bench(args: argparse.Namespace, lever: str) -> int:
             loaded,
             harmful,
             max_new_tokens=args.tokens,
-            decided_after=args.decided_after,
+            decided_after=args.decided_after if window is None else window,
             batch_size=args.batch_size,
             layer_cache=caches[1],
         )
@@ -361,6 +368,10 @@ def lanes_bench(args: argparse.Namespace, lever: str) -> int:
                 a.tokens != b.tokens
                 for a, b in zip(verdicts_a.verdicts, verdicts_b.verdicts, strict=True)
             ),
+            "answer_tokens_mean": [
+                statistics.mean(len(v.tokens) for v in verdicts.verdicts)
+                for verdicts in (verdicts_a, verdicts_b)
+            ],
             "kl_mean": [float(kl_a.mean()), float(kl_b.mean())],
             "kl_max_abs_difference": float((kl_a - kl_b).abs().max()),
         }
@@ -377,6 +388,7 @@ def lanes_bench(args: argparse.Namespace, lever: str) -> int:
         **_settings(args),
         "edits": len(rows),
         "setup_seconds": {d: lanes[d]["setup_seconds"] for d in lanes},
+        "lane_decided_after": {d: lanes[d]["scorers"][1].decided_after for d in lanes},
         "original_refused": [sum(o) for o in originals],
         "original_verdicts_differing": sum(a != b for a, b in zip(*originals, strict=True)),
         "direction_cosine_min": float(cosines.min()),
