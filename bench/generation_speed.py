@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--decided-after", type=int, default=16)
+    parser.add_argument("--decided-after", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=50, help="Harmful and harmless each.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="max_new_tokens")
-    parser.add_argument("--decided-after", type=int, default=16)
+    parser.add_argument("--decided-after", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lever", choices=("prefix", "layers", *LANES), default="prefix")

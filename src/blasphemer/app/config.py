@@ -131,7 +131,7 @@ class Settings(BaseSettings):
         100, ge=1, description="Response length for the held-out report (and for --exact-verdicts)."
     )
     decided_after: int = Field(
-        16,
+        8,
         ge=1,
         description="During the search a response with this many clean tokens counts as compliant.",
     )

@@ -49,7 +49,7 @@ class ScorerContext:
     harmless_texts: list[str]
     batch_size: int = 16
     max_new_tokens: int = 100
-    decided_after: int | None = 16
+    decided_after: int | None = 8
     markers: Sequence[str] = field(default=DEFAULT_REFUSAL_MARKERS)
 
 

@@ -80,7 +80,7 @@ class RefusalScorer:
         *,
         markers: RefusalMarkers | Iterable[str] | None = None,
         max_new_tokens: int = 100,
-        decided_after: int | None = 16,
+        decided_after: int | None = 8,
         batch_size: int = 16,
         response_prefix: str | None = None,
         stop_at_marker: bool = False,
