@@ -27,7 +27,7 @@ from blasphemer.evaluation.generation import (
     generate_verdicts,
     length_sorted_batches,
 )
-from blasphemer.evaluation.markers import RefusalMarkers
+from blasphemer.evaluation.markers import DEFAULT_DECIDED_AFTER, RefusalMarkers
 
 
 def build(args: argparse.Namespace) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--decided-after", type=int, default=8)
+    parser.add_argument("--decided-after", type=int, default=DEFAULT_DECIDED_AFTER)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 

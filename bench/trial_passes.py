@@ -18,8 +18,8 @@ and the layer cache, as a run has them). bfloat16 rounds: instead of equality it
 many verdicts (the unedited model's and each edit's) and answers differ, and how far the KL
 values move. ``--lever attention`` does the same in bfloat16 with transformers' attention
 kernels: ``sdpa`` (its default, what a run uses) and ``eager``. ``--lever window`` does it in
-bfloat16 with an answer decided after 16 clean tokens and after 8 (the model loaded in each lane,
-so each lane's layer cache holds its own refusal pass).
+bfloat16 with an answer decided after 16 clean tokens and after 8 (the model is loaded and its
+directions fitted in each lane, as for the other levers, though the two lanes' are the same).
 
 ``--lever layers`` compares the shared prefix alone with the shared prefix plus the layer cache
 (:mod:`blasphemer.evaluation.frozen`, which replays the layers below an edit's first edited
@@ -50,6 +50,7 @@ from blasphemer.directions import compute_directions
 from blasphemer.editing import Ablation
 from blasphemer.evaluation import KLScorer, RefusalScorer
 from blasphemer.evaluation.frozen import LayerCache
+from blasphemer.evaluation.markers import DEFAULT_DECIDED_AFTER
 from blasphemer.evaluation.prefix import split_prefix
 from blasphemer.loading import load_model
 from blasphemer.optimization.search_space import SearchSpace
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=50, help="Harmful and harmless each.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="max_new_tokens")
-    parser.add_argument("--decided-after", type=int, default=8)
+    parser.add_argument("--decided-after", type=int, default=DEFAULT_DECIDED_AFTER)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lever", choices=("prefix", "layers", *LANES), default="prefix")

@@ -25,7 +25,7 @@ from pydantic_settings import (
 )
 
 from blasphemer.errors import ConfigError
-from blasphemer.evaluation.markers import DEFAULT_REFUSAL_MARKERS
+from blasphemer.evaluation.markers import DEFAULT_DECIDED_AFTER, DEFAULT_REFUSAL_MARKERS
 
 _toml_values: ContextVar[dict[str, Any] | None] = ContextVar("_toml_values", default=None)
 
@@ -131,7 +131,7 @@ class Settings(BaseSettings):
         100, ge=1, description="Response length for the held-out report (and for --exact-verdicts)."
     )
     decided_after: int = Field(
-        8,
+        DEFAULT_DECIDED_AFTER,
         ge=1,
         description="During the search a response with this many clean tokens counts as compliant.",
     )

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from blasphemer.errors import ConfigError
 from blasphemer.evaluation.generation import ModelLike
-from blasphemer.evaluation.markers import DEFAULT_REFUSAL_MARKERS
+from blasphemer.evaluation.markers import DEFAULT_DECIDED_AFTER, DEFAULT_REFUSAL_MARKERS
 from blasphemer.evaluation.refusals import RefusalScorer
 
 
@@ -49,7 +49,7 @@ class ScorerContext:
     harmless_texts: list[str]
     batch_size: int = 16
     max_new_tokens: int = 100
-    decided_after: int | None = 8
+    decided_after: int | None = DEFAULT_DECIDED_AFTER
     markers: Sequence[str] = field(default=DEFAULT_REFUSAL_MARKERS)
 
 

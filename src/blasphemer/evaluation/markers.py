@@ -31,6 +31,11 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
+# Clean tokens (content, no marker) after which the search calls an answer compliant. 8 agreed
+# with exact 100-token verdicts as often as 16 on Qwen (99.0-99.1 % of 1,200, two samples), was
+# the most accurate window against readers' labels, and made a trial 0.81x as long (README).
+DEFAULT_DECIDED_AFTER = 8
+
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "sorry",
     "i apologize",

@@ -18,6 +18,7 @@ from blasphemer.evaluation.generation import (
     pad_token_id,
 )
 from blasphemer.evaluation.markers import (
+    DEFAULT_DECIDED_AFTER,
     RefusalMarkers,
     as_markers,
     common_response_prefix,
@@ -80,7 +81,7 @@ class RefusalScorer:
         *,
         markers: RefusalMarkers | Iterable[str] | None = None,
         max_new_tokens: int = 100,
-        decided_after: int | None = 8,
+        decided_after: int | None = DEFAULT_DECIDED_AFTER,
         batch_size: int = 16,
         response_prefix: str | None = None,
         stop_at_marker: bool = False,
