@@ -584,3 +584,13 @@ def test_only_answers_the_semantic_judge_reads_are_generated_whole(
     assert ctx.select_scorers().refusals.stop_at_marker  # the optimiser scores by markers alone
     held_out = ctx.refusal_scorer(ctx.prompts.harmful.report, for_judge=True)
     assert held_out.stop_at_marker == (judge == "markers")
+
+
+def test_draft_tokens_reach_the_search_and_held_out_scorers(tiny_a: Path) -> None:
+    from blasphemer.app import stages
+
+    settings = Settings(model=str(tiny_a), batch_size=4, dtypes=["float32"], draft_tokens=3)
+    ctx = stages.prepare(settings, Console(quiet=True))
+    assert ctx.select_scorers().refusals.draft_tokens == 3
+    assert ctx.refusal_scorer(ctx.prompts.harmful.report, for_judge=True).draft_tokens == 3
+    assert Settings(model=str(tiny_a)).draft_tokens == 0

@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerFast
 
 from blasphemer.architectures import resolve
 from blasphemer.evaluation import KLScorer
+from blasphemer.evaluation.decoding import ForwardSpec
 from blasphemer.evaluation.generation import (
-    ForwardSpec,
     generate_verdicts,
     greedy_tokens,
     shared_prefix,

@@ -24,7 +24,8 @@ from torch.utils.hooks import RemovableHandle
 
 from blasphemer.architectures.base import ModelMap
 from blasphemer.errors import DatasetError
-from blasphemer.evaluation.generation import ForwardSpec, shared_prefix
+from blasphemer.evaluation.decoding import ForwardSpec
+from blasphemer.evaluation.generation import shared_prefix
 from blasphemer.evaluation.prefix import with_prefix_columns
 from blasphemer.loading import LoadedModel
 

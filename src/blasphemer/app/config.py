@@ -161,6 +161,14 @@ class Settings(BaseSettings):
         description="Memory (MiB, per prompt set) for recording the layers below an edit once "
         "and replaying them in every trial instead of running them again (exact; 0 = off).",
     )
+    draft_tokens: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Draft tokens checked per answer in each decoding pass, taken from earlier "
+        "answers to the same prompt: the same answers in fewer passes, each pass dearer "
+        "(0 = off; see the README for where it pays).",
+    )
     judge: Literal["markers", "semantic", "both"] = Field(
         "markers",
         description="How held-out answers (and evaluate's, and judge's) are judged: the refusal "

@@ -203,6 +203,7 @@ class RunContext:
             batch_size=self.batch_size,
             stop_at_marker=not (whole or (for_judge and self.settings.judge != "markers")),
             layer_cache=self._layer_cache() if cached else None,
+            draft_tokens=self.settings.draft_tokens,
         )
 
     def semantic_judge(self) -> Judge | None:

@@ -5,7 +5,10 @@ loop is our own (not ``model.generate``) so that it can judge each answer while 
 
 * prompts are tokenised once, sorted by length (longest first) and left-padded per batch;
 * the prompt is run once (prefill), then one token per forward call against a KV cache, and only
-  the last position's logits are computed (``logits_to_keep=1``);
+  the last position's logits are computed (``logits_to_keep=1``); with draft tokens (earlier
+  answers to the same prompt, :mod:`blasphemer.evaluation.drafts`) a call feeds a row's next
+  token and its drafts and keeps the drafts the model's arg-max confirms (see
+  :mod:`blasphemer.evaluation.decoding`), which changes the number of calls, not the tokens;
 * after every token each unfinished answer is decoded and judged; an answer is *decided* when a
   refusal marker appears (refused), when the model ends it (judged on what it wrote), or, with
   ``decided_after=N``, once ``N`` tokens have been written since it first showed content with no
@@ -35,16 +38,17 @@ the full answer's first marker comes after token ``m`` (the rule "a marker withi
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from blasphemer.evaluation.decoding import DecodingBatch, ForwardSpec
+from blasphemer.evaluation.drafts import DraftBook
 from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.markers import (
     RefusalMarkers,
@@ -52,7 +56,7 @@ from blasphemer.evaluation.markers import (
     normalize,
     strip_response_prefix,
 )
-from blasphemer.evaluation.prefix import PrefixState, split_prefix, with_prefix_columns
+from blasphemer.evaluation.prefix import PrefixState, split_prefix
 from blasphemer.loading import input_device
 
 
@@ -141,129 +145,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int, extra_columns: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ``(input_ids, attention_mask, position_ids)`` on the CPU.
-
-    Positions are ``cumsum(mask) - 1`` (0 on padding), as ``generate`` computes them. The mask has
-    ``extra_columns`` more columns of ones, for tokens still to come.
-    """
-    if not prompts or min(len(prompt) for prompt in prompts) == 0:
-        raise ValueError("cannot run an empty prompt")
-    width = max(len(prompt) for prompt in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width + extra_columns), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
-@dataclass(frozen=True)
-class ForwardSpec:
-    """What the model's forward accepts, read once from its signature (as ``generate`` does)."""
-
-    cache_argument: str
-    position_ids: bool
-    logits_to_keep: bool
-
-    @classmethod
-    def of(cls, model: nn.Module) -> ForwardSpec:
-        parameters = inspect.signature(model.forward).parameters
-        # transformers 5 renamed ``past_key_values`` to ``cache``; remote code may use either.
-        cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        return cls(cache_argument, "position_ids" in parameters, "logits_to_keep" in parameters)
-
-
-class _Batch:
-    """Left-padded prompts decoded greedily together, sharing one KV cache.
-
-    Positions follow ``generate``: ``cumsum(mask) - 1`` over the prompt (0 on padding), then one
-    more per new token; the attention mask is dropped altogether when nothing is padded. With a
-    shared ``prefix`` (see :mod:`blasphemer.evaluation.prefix`) ``prompts`` are what follows it:
-    the cache starts with the prefix, the mask has its columns first, positions start after it.
-    With a ``layer_cache`` the prefill is recorded or replayed under ``key`` (see
-    :mod:`blasphemer.evaluation.frozen`).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        spec: ForwardSpec,
-        prompts: Sequence[Sequence[int]],
-        pad_id: int,
-        max_new_tokens: int,
-        prefix: PrefixState | None = None,
-        layer_cache: LayerCache | None = None,
-        key: Any = None,
-    ) -> None:
-        self.model = model
-        self.layer_cache = layer_cache
-        self.key = key
-        self.spec = spec
-        self.device = input_device(model)
-        # The mask has room for every new token: a step uses a view of its first `length` columns.
-        ids, mask, positions = left_pad(prompts, pad_id, extra_columns=max_new_tokens)
-        padded = bool((mask[:, :1] == 0).any())
-        self.prompt_ids = ids.to(self.device)
-        self.positions = positions.to(self.device)
-        self.length = ids.shape[1]
-        self.cache: Any = None
-        if prefix is not None:
-            self.positions = self.positions + prefix.length
-            self.length += prefix.length
-            self.cache = prefix.for_batch(len(prompts))
-            mask = with_prefix_columns(mask, prefix)
-        self.mask = mask.to(self.device) if padded else None
-
-    def _forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, prefill: bool = False
-    ) -> torch.Tensor:
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "use_cache": True,
-            self.spec.cache_argument: self.cache,
-        }
-        if self.mask is not None:
-            kwargs["attention_mask"] = self.mask[:, : self.length]
-        if self.spec.position_ids:
-            kwargs["position_ids"] = positions
-        if self.spec.logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        if prefill and self.layer_cache is not None:
-            output = self.layer_cache.run(self.key, lambda: self.model(**kwargs))
-        else:
-            output = self.model(**kwargs)
-        cache = output.get("cache")
-        self.cache = cache if cache is not None else output.get("past_key_values")
-        # Logits may come out on another device than the embeddings (device_map="auto").
-        return output.logits[:, -1, :].argmax(dim=-1).to(self.device)
-
-    def prefill(self) -> torch.Tensor:
-        """Run the prompts; return the first new token of every row (on the model's device)."""
-        next_tokens = self._forward(self.prompt_ids, self.positions, prefill=True)
-        self.positions = self.positions[:, -1:]
-        return next_tokens
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row; return the next one."""
-        self.length += 1
-        self.positions = self.positions + 1
-        return self._forward(tokens.unsqueeze(-1), self.positions)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (indices into the current batch), in the KV cache too."""
-        rows = rows.to(self.device)
-        self.positions = self.positions.index_select(0, rows)
-        if self.mask is not None:
-            self.mask = self.mask.index_select(0, rows)
-        # reorder_cache is implemented by every cache layer type (attention, sliding window,
-        # linear attention, quantised), unlike batch_select_indices; index_select keeps a subset.
-        self.cache.reorder_cache(rows)
-
-
 def shared_prefix(
     model: nn.Module,
     spec: ForwardSpec,
@@ -306,13 +187,77 @@ def greedy_tokens(
     with torch.inference_mode():
         suffixes, prefix = shared_prefix(model, spec, prompts, share_prefix, n_tokens)
         for indices in length_sorted_batches([len(p) for p in suffixes], batch_size):
-            batch = _Batch(model, spec, [suffixes[i] for i in indices], pad_id, n_tokens, prefix)
+            batch = DecodingBatch(
+                model, spec, [suffixes[i] for i in indices], pad_id, n_tokens, prefix
+            )
             columns = [batch.prefill()]
             for _ in range(n_tokens - 1):
                 columns.append(batch.step(columns[-1]))
             for index, row in zip(indices, torch.stack(columns, dim=1).tolist(), strict=True):
                 results[index] = row
     return results
+
+
+def _decode(
+    batch: DecodingBatch,
+    active: list[_Row],
+    absorb: Callable[[list[_Row], list[list[int]]], None],
+    max_new_tokens: int,
+    drafts: DraftBook | None,
+    draft_tokens: int,
+) -> None:
+    """Decode ``batch`` until every row of ``active`` is decided (``absorb`` takes new tokens).
+
+    With drafts, a pass feeds each open row's last token and the drafts proposed for it (padded
+    to the longest proposal), and keeps the drafts up to the first one that differs from the
+    model's arg-max before it, plus that arg-max: the tokens one-token passes would give, so the
+    verdicts and answers are the same (up to arg-max near-ties between shapes). Drafting is off
+    where masked-out columns would not be exact (see :meth:`DecodingBatch.can_verify`).
+    """
+    new = [[token] for token in batch.prefill().tolist()]
+    book = drafts if draft_tokens > 0 and batch.can_verify(max_new_tokens, draft_tokens) else None
+    while True:
+        absorb(active, new)
+        keep = [position for position, row in enumerate(active) if row.stopped_by is None]
+        if not keep:
+            return
+        if len(keep) < len(active):
+            batch.keep(torch.tensor(keep, dtype=torch.long))
+            active = [active[position] for position in keep]
+        last = [row.tokens[-1] for row in active]
+        proposals: list[list[int]] = [[] for _ in active]
+        if book is not None:
+            proposals = [
+                book.propose(
+                    row.index, row.tokens, min(draft_tokens, max_new_tokens - len(row.tokens) - 1)
+                )
+                for row in active
+            ]
+        width = max(len(proposal) for proposal in proposals)
+        if width == 0:
+            tokens = torch.tensor(last, dtype=torch.long, device=batch.device)
+            new = [[token] for token in batch.step(tokens).tolist()]
+            continue
+        fed = [
+            [token, *proposal, *[token] * (width - len(proposal))]
+            for token, proposal in zip(last, proposals, strict=True)
+        ]
+        predicted = batch.verify(torch.tensor(fed, dtype=torch.long, device=batch.device)).tolist()
+        accepted = [
+            _confirmed(proposal, row) for proposal, row in zip(proposals, predicted, strict=True)
+        ]
+        batch.accept(torch.tensor(accepted, dtype=torch.long))
+        if book is not None:
+            book.tally(sum(len(proposal) for proposal in proposals), sum(accepted))
+        new = [row[: count + 1] for row, count in zip(predicted, accepted, strict=True)]
+
+
+def _confirmed(proposal: Sequence[int], predicted: Sequence[int]) -> int:
+    """How many drafts of ``proposal`` the arg-max ``predicted`` before each confirms in a row."""
+    count = 0
+    while count < len(proposal) and proposal[count] == predicted[count]:
+        count += 1
+    return count
 
 
 @dataclass
@@ -338,6 +283,8 @@ def generate_verdicts(
     should_stop: Callable[[int, int], bool] | None = None,
     share_prefix: bool = True,
     layer_cache: LayerCache | None = None,
+    drafts: DraftBook | None = None,
+    draft_tokens: int = 0,
 ) -> list[Verdict]:
     """Greedy answers to token-id ``prompts``, each judged and stopped as early as allowed.
 
@@ -351,12 +298,17 @@ def generate_verdicts(
     ``share_prefix`` runs the prompts' shared leading tokens once (see :func:`shared_prefix`).
     ``layer_cache`` records every batch's prefill the first time and replays it below the
     unchanged layers after (:mod:`blasphemer.evaluation.frozen`); pass the same prompts and
-    ``batch_size`` every time. Returns one :class:`Verdict` per prompt, in order.
+    ``batch_size`` every time. With ``drafts`` (one entry per prompt) and ``draft_tokens`` > 0,
+    each forward pass feeds a row's next token with up to ``draft_tokens`` drafts and keeps those
+    the model's own arg-max confirms (see :func:`_decode`). Returns one :class:`Verdict` per
+    prompt, in order.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if decided_after is not None and decided_after < 1:
         raise ValueError(f"decided_after must be at least 1 (or None), got {decided_after}")
+    if drafts is not None and len(drafts) != len(prompts):
+        raise ValueError(f"drafts are for {len(drafts)} prompts, not {len(prompts)}")
     spec = ForwardSpec.of(model)
     eos = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer)
@@ -365,6 +317,24 @@ def generate_verdicts(
 
     def judged(text: str) -> str:
         return normalize(strip_response_prefix(text, response_prefix))
+
+    def absorb(active: list[_Row], new: list[list[int]]) -> None:
+        """Take each row's new tokens in order, judging after each, until it is decided."""
+        for slot in range(max(len(tokens) for tokens in new)):
+            written = []
+            for row, tokens in zip(active, new, strict=True):
+                if row.stopped_by is not None or slot >= len(tokens):
+                    continue
+                if tokens[slot] in eos:
+                    row.stopped_by = StopReason.EOS
+                else:
+                    row.tokens.append(tokens[slot])
+                    written.append(row)
+            if judge_each_step:
+                decide(written)
+            for row in written:
+                if row.stopped_by is None and len(row.tokens) >= max_new_tokens:
+                    row.stopped_by = StopReason.LENGTH
 
     def decide(open_rows: list[_Row]) -> None:
         texts = decode_answers(tokenizer, [row.tokens for row in open_rows])
@@ -384,7 +354,7 @@ def generate_verdicts(
             layer_cache.plan(sum(len(b) * max(len(suffixes[i]) for i in b) for b in batches))
         for indices in batches:
             batch_prompts = [suffixes[i] for i in indices]
-            batch = _Batch(
+            batch = DecodingBatch(
                 model,
                 spec,
                 batch_prompts,
@@ -395,28 +365,7 @@ def generate_verdicts(
                 # The layout too: a prefix that cannot be shared for longer answers changes it.
                 (tuple(indices), 0 if prefix is None else prefix.length, len(suffixes[indices[0]])),
             )
-            active = [rows[i] for i in indices]
-            next_tokens = batch.prefill()
-            for step in range(max_new_tokens):
-                for row, token in zip(active, next_tokens.tolist(), strict=True):
-                    if token in eos:
-                        row.stopped_by = StopReason.EOS
-                    else:
-                        row.tokens.append(token)
-                if judge_each_step:
-                    decide([row for row in active if row.stopped_by is None])
-                keep = [position for position, row in enumerate(active) if row.stopped_by is None]
-                if not keep or step == max_new_tokens - 1:
-                    break
-                if len(keep) < len(active):
-                    kept = torch.tensor(keep, dtype=torch.long, device=next_tokens.device)
-                    batch.keep(kept)
-                    next_tokens = next_tokens.index_select(0, kept)
-                    active = [active[position] for position in keep]
-                next_tokens = batch.step(next_tokens)
-            for row in active:
-                if row.stopped_by is None:
-                    row.stopped_by = StopReason.LENGTH
+            _decode(batch, [rows[i] for i in indices], absorb, max_new_tokens, drafts, draft_tokens)
             del batch  # free the KV cache before the next batch allocates its own
             if on_batch is not None:
                 on_batch(len(indices))

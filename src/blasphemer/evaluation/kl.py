@@ -20,15 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
+from blasphemer.evaluation.decoding import ForwardSpec, left_pad
 from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.generation import (
-    ForwardSpec,
     ModelLike,
     encode_texts,
     eos_token_ids,
     greedy_tokens,
     input_device,
-    left_pad,
     length_sorted_batches,
     pad_token_id,
     shared_prefix,

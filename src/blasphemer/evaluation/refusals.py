@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from blasphemer.evaluation.drafts import DraftBook
 from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.generation import (
     ModelLike,
@@ -69,7 +70,9 @@ class RefusalScorer:
     (:mod:`blasphemer.evaluation.prefix`). A ``layer_cache`` (built on the unedited model)
     records each batch's prefill in the first pass on the unedited model, :meth:`evaluate` or
     :meth:`record_layers`, and later passes replay the layers an edit left unchanged
-    (:mod:`blasphemer.evaluation.frozen`).
+    (:mod:`blasphemer.evaluation.frozen`). With ``draft_tokens`` > 0 each forward pass also
+    checks that many draft tokens per answer, taken from this scorer's earlier answers to the
+    same prompt (:mod:`blasphemer.evaluation.drafts`): fewer passes, the same answers.
     """
 
     name = "refusals"
@@ -87,6 +90,7 @@ class RefusalScorer:
         stop_at_marker: bool = False,
         share_prefix: bool = True,
         layer_cache: LayerCache | None = None,
+        draft_tokens: int = 0,
     ) -> None:
         if not texts:
             raise ValueError("RefusalScorer needs at least one prompt")
@@ -99,6 +103,12 @@ class RefusalScorer:
         self.stop_at_marker = stop_at_marker
         self.share_prefix = share_prefix
         self.prompts = encode_texts(loaded.tokenizer, texts)
+        if draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be at least 0, got {draft_tokens}")
+        self.draft_tokens = draft_tokens
+        self.drafts = DraftBook(len(self.prompts))
+        for index, prompt in enumerate(self.prompts):
+            self.drafts.set_prompt(index, prompt)
         if response_prefix is None:
             response_prefix = self._detect_prefix()
         self.response_prefix = response_prefix
@@ -136,6 +146,9 @@ class RefusalScorer:
         :attr:`RefusalResult.partial` and its ``rate`` a lower bound over all prompts.
         """
         verdicts = self._generate(self.max_new_tokens, on_batch, should_stop)
+        for index, verdict in enumerate(verdicts):
+            if verdict.stopped_by is not StopReason.SKIPPED:
+                self.drafts.record(index, verdict.tokens)
         refused = [verdict.refused for verdict in verdicts]
         return RefusalResult(
             rate=sum(refused) / len(refused),
@@ -170,6 +183,8 @@ class RefusalScorer:
             on_batch=on_batch,
             should_stop=should_stop,
             layer_cache=self.layer_cache,
+            drafts=self.drafts if self.draft_tokens else None,
+            draft_tokens=self.draft_tokens,
         )
 
     def score(self) -> float:
