@@ -8,8 +8,6 @@ import random
 from types import SimpleNamespace
 
 import pytest
-import torch
-from transformers import MistralConfig, MistralForCausalLM
 
 from blasphemer.evaluation import RefusalScorer
 from blasphemer.evaluation.drafts import DraftBook
@@ -21,6 +19,7 @@ from test_generation import (
     expected_early,
     hf_generate,
     make_llama,
+    make_mistral,
     make_texts,
     make_tokenizer,
     pick_markers,
@@ -200,21 +199,7 @@ def test_sliding_window_drafts_only_where_holes_are_exact(
 ) -> None:
     """A window shorter than the batch's span would count masked-out drafts as distance:
     drafting is then off (the passes are as many as without drafts), and answers stay right."""
-    config = MistralConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=window,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(3)
-    model = MistralForCausalLM(config).eval().double()
+    model = make_mistral(sliding_window=window, max_positions=1024)
     tokens, _ = hf_generate(model, tokenizer, texts)
     markers = RefusalMarkers(["no-such-word"])
     options = {"decided_after": None, "batch_size": 32}

@@ -61,6 +61,30 @@ def make_llama(seed: int = 0, eos_boost: float = 2.0) -> LlamaForCausalLM:
     return model
 
 
+def make_mistral(
+    sliding_window: int, max_positions: int = 256, eos_boost: float = 1.0
+) -> MistralForCausalLM:
+    """Tiny random Mistral in float64 with a sliding-window attention cache of that width."""
+    config = MistralConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=sliding_window,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(3)
+    model = MistralForCausalLM(config).eval().double()
+    with torch.no_grad():
+        model.lm_head.weight[2] *= eos_boost
+    return model
+
+
 def make_texts(n: int, seed: int = 1) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, 14, (n,), generator=generator).tolist()
@@ -233,23 +257,7 @@ def test_decided_rows_leave_the_batch(llama, tokenizer, texts) -> None:
 
 def test_sliding_window_cache_is_reindexed_correctly(tokenizer, texts) -> None:
     """Rows leaving a batch must also leave sliding-window cache layers."""
-    config = MistralConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=6,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(3)
-    model = MistralForCausalLM(config).eval().double()
-    with torch.no_grad():
-        model.lm_head.weight[2] *= 2.0
+    model = make_mistral(sliding_window=6, eos_boost=2.0)
     tokens, responses = hf_generate(model, tokenizer, texts)
     markers = pick_markers(responses)
     for batch_size in (3, 32):
