@@ -100,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         with Ablation(directions, parameters).apply(model_map):
             for lane in order:
                 scorer = lanes[lane]
-                before = scorer.drafts.confirmed, scorer.drafts.proposed
+                book = scorer.drafts  # None in the plain lanes
+                before = (book.confirmed, book.proposed) if book is not None else (0, 0)
                 started = time.perf_counter()
                 verdicts = scorer.evaluate()
                 seconds = time.perf_counter() - started
-                confirmed = scorer.drafts.confirmed - before[0]
-                proposed = scorer.drafts.proposed - before[1]
+                after = (book.confirmed, book.proposed) if book is not None else (0, 0)
+                confirmed, proposed = after[0] - before[0], after[1] - before[1]
                 results[lane] = (seconds, verdicts, confirmed, proposed)
         for mode in MODES:
             base_seconds, base, _, _ = results[(mode, 0)]

@@ -235,6 +235,7 @@ def test_a_scorer_drafts_from_its_own_earlier_answers(llama, tokenizer, texts) -
         handle.remove()
     # The second pass drafts from the first's answers: every draft is right.
     assert passes[1] == 1 + -(-(MAX_NEW - 1) // 5) < passes[0]
-    assert drafted.drafts.confirmed > 0
+    assert drafted.drafts is not None and drafted.drafts.confirmed > 0
+    assert plain.drafts is None  # nothing is indexed when drafting is off
     with pytest.raises(ValueError, match="draft_tokens"):
         RefusalScorer(loaded, texts, draft_tokens=-1, **options)

@@ -106,9 +106,12 @@ class RefusalScorer:
         if draft_tokens < 0:
             raise ValueError(f"draft_tokens must be at least 0, got {draft_tokens}")
         self.draft_tokens = draft_tokens
-        self.drafts = DraftBook(len(self.prompts))
-        for index, prompt in enumerate(self.prompts):
-            self.drafts.set_prompt(index, prompt)
+        # Earlier answers are indexed only when they are used as drafts.
+        self.drafts: DraftBook | None = None
+        if draft_tokens:
+            self.drafts = DraftBook(len(self.prompts))
+            for index, prompt in enumerate(self.prompts):
+                self.drafts.set_prompt(index, prompt)
         if response_prefix is None:
             response_prefix = self._detect_prefix()
         self.response_prefix = response_prefix
@@ -146,9 +149,10 @@ class RefusalScorer:
         :attr:`RefusalResult.partial` and its ``rate`` a lower bound over all prompts.
         """
         verdicts = self._generate(self.max_new_tokens, on_batch, should_stop)
-        for index, verdict in enumerate(verdicts):
-            if verdict.stopped_by is not StopReason.SKIPPED:
-                self.drafts.record(index, verdict.tokens)
+        if self.drafts is not None:
+            for index, verdict in enumerate(verdicts):
+                if verdict.stopped_by is not StopReason.SKIPPED:
+                    self.drafts.record(index, verdict.tokens)
         refused = [verdict.refused for verdict in verdicts]
         return RefusalResult(
             rate=sum(refused) / len(refused),
@@ -183,7 +187,7 @@ class RefusalScorer:
             on_batch=on_batch,
             should_stop=should_stop,
             layer_cache=self.layer_cache,
-            drafts=self.drafts if self.draft_tokens else None,
+            drafts=self.drafts,
             draft_tokens=self.draft_tokens,
         )
 
