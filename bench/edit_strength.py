@@ -12,7 +12,9 @@ directions fitted on the model's *answers* as the judge's readers labelled them 
 refusals of every kind against compliant answers; ``substitutes``: safe substitutes against
 compliant answers; each layer's output averaged over the response tokens, the model reading
 Qwen's labelled answers to harmful prompts in ``bench/judge/``, those to the probed prompts
-left out). ``+`` joins two sources into one edit that removes both, e.g. ``run+substitutes``.
+left out). ``+`` joins two sources into one edit that removes both, e.g. ``run+substitutes``;
+``+embed`` also removes the run's direction (at the trial's direction index) from the token
+embeddings, in full (``run+embed:5x1.0``; models with untied embeddings only).
 Each edit and the original answer public harmful prompts greedily in full (the run's
 ``max_new_tokens``), judged by the refusal markers and by the semantic judge, and KL is measured
 on public harmless prompts. The prompts default to ``harmful_test.json[100:200]`` and
@@ -63,7 +65,7 @@ def scaled(parameters: AblationParameters, factor: float) -> AblationParameters:
     return dataclasses.replace(parameters, kernels=kernels)
 
 
-SOURCES = ("run", "refused", "answers", "substitutes")
+SOURCES = ("run", "refused", "answers", "substitutes", "embed")
 
 
 def parse_edits(text: str) -> list[tuple[str, int, float]]:
@@ -125,10 +127,34 @@ def answer_directions(ctx: Any, left_out: set[str]) -> dict[str, Directions]:
     return {"answers": fitted(refusals - compliant), "substitutes": fitted(substitutes - compliant)}
 
 
-class Joined:
-    """Two or more ablations applied together (each undone on exit)."""
+class EmbeddingEdit:
+    """The direction removed from every token embedding (``E <- E - (E r) r^T``); the weights
+    are copied back on exit, bit for bit."""
 
-    def __init__(self, edits: list[Ablation]) -> None:
+    def __init__(self, model: Any, directions: Directions, parameters: AblationParameters) -> None:
+        output = model.get_output_embeddings()
+        self.weight = model.get_input_embeddings().weight
+        if output is not None and output.weight is self.weight:
+            raise SystemExit("+embed needs untied embeddings: this model's output head shares them")
+        self.direction = directions.for_layers(parameters.direction_index)[0]
+
+    @contextlib.contextmanager
+    def apply(self, model_map: Any) -> Any:
+        saved = self.weight.data.clone()
+        r = self.direction.to(torch.float32)
+        r = r / r.norm()
+        try:
+            table = self.weight.data.float()
+            self.weight.data.copy_(table - (table @ r)[:, None] * r[None, :])
+            yield
+        finally:
+            self.weight.data.copy_(saved)
+
+
+class Joined:
+    """Two or more edits applied together (each undone on exit)."""
+
+    def __init__(self, edits: list[Any]) -> None:
         self.edits = edits
 
     def apply(self, model_map: Any) -> contextlib.ExitStack:
@@ -257,7 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     report["edits"]["original"] = probe.measure("original", None)
     for source, number, factor in edits:
         parameters = scaled(probe.trials[number], factor)
-        edit = Joined([Ablation(directions[part], parameters) for part in source.split("+")])
+        model = probe.ctx.loaded.model
+        edit = Joined(
+            [
+                EmbeddingEdit(model, probe.directions, parameters)
+                if part == "embed"
+                else Ablation(directions[part], parameters)
+                for part in source.split("+")
+            ]
+        )
         report["edits"][f"{source}:{number}x{factor}"] = probe.measure(
             f"{source}:{number}x{factor}", edit
         )

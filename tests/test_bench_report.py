@@ -404,6 +404,38 @@ def test_edit_strength_joined_edits_apply_in_order_and_undo_in_reverse() -> None
             yield
             log.append(f"undo {self.name}")
 
-    with edit_strength.Joined([Edit("a"), Edit("b")]).apply("model"):  # type: ignore[list-item]
+    with edit_strength.Joined([Edit("a"), Edit("b")]).apply("model"):
         assert log == ["apply a to model", "apply b to model"]
     assert log[2:] == ["undo b", "undo a"]
+
+
+def test_edit_strength_embedding_edit_removes_the_direction_and_restores_bit_for_bit() -> None:
+    import torch
+
+    import edit_strength
+    from blasphemer.ablation import AblationParameters
+    from blasphemer.directions import Directions
+    from tiny_models import tiny_llama
+
+    model = tiny_llama(40, layers=3, tie_word_embeddings=False)
+    generator = torch.Generator().manual_seed(3)
+    vectors = torch.nn.functional.normalize(torch.randn(3, 32, generator=generator), dim=-1)
+    directions = Directions(vectors, torch.ones(3))
+    table = model.get_input_embeddings().weight
+    before = table.detach().clone()
+    edit = edit_strength.EmbeddingEdit(model, directions, AblationParameters(1.0, {}))
+    r = vectors[1].double()
+    assert (before.double() @ r).abs().max() > 0.01  # a direction the embeddings do reach
+    with edit.apply(None):
+        assert (table.detach().double() @ r).abs().max() < 1e-5
+        # everything orthogonal to the direction is left as it was
+        rest = before.double() - (before.double() @ r)[:, None] * r[None, :]
+        assert torch.allclose(table.detach().double(), rest, atol=1e-6)
+    assert torch.equal(table.detach(), before)
+    with pytest.raises(RuntimeError, match="inside"), edit.apply(None):
+        raise RuntimeError("inside")
+    assert torch.equal(table.detach(), before)
+
+    tied = tiny_llama(40, layers=3, tie_word_embeddings=True)
+    with pytest.raises(SystemExit, match="untied"):
+        edit_strength.EmbeddingEdit(tied, directions, AblationParameters(1.0, {}))
