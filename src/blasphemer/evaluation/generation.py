@@ -15,7 +15,9 @@ loop is our own (not ``model.generate``) so that it can judge each answer while 
   marker (compliant);
 * decided rows leave the batch: input ids, attention mask, positions and every layer of the KV
   cache are re-indexed along the batch dimension, so later steps only pay for open answers;
-* the batch ends when every row is decided or ``max_new_tokens`` is reached.
+* the batch ends when every row is decided or ``max_new_tokens`` is reached;
+* with ``should_stop``, the refusals and answers decided so far are offered after every token
+  that decides an answer, so a trial that can no longer reach the front stops mid-batch.
 
 Equivalences (all up to floating-point near-ties of the arg-max, which differ in batch shape)
 --------------------------------------------------------------------------------------------
@@ -205,8 +207,10 @@ def _decode(
     max_new_tokens: int,
     drafts: DraftBook | None,
     draft_tokens: int,
-) -> None:
-    """Decode ``batch`` until every row of ``active`` is decided (``absorb`` takes new tokens).
+    halt: Callable[[list[_Row]], bool] | None = None,
+) -> bool:
+    """Decode ``batch`` until every row of ``active`` is decided (``absorb`` takes new tokens),
+    or until ``halt`` (asked after each absorb) says to stop: then return True.
 
     With drafts, a pass feeds each open row's last token and the drafts proposed for it (padded
     to the longest proposal), and keeps the drafts up to the first one that differs from the
@@ -218,9 +222,11 @@ def _decode(
     book = drafts if draft_tokens > 0 and batch.can_verify(max_new_tokens, draft_tokens) else None
     while True:
         absorb(active, new)
+        if halt is not None and halt(active):
+            return True
         keep = [position for position, row in enumerate(active) if row.stopped_by is None]
         if not keep:
-            return
+            return False
         if len(keep) < len(active):
             batch.keep(torch.tensor(keep, dtype=torch.long))
             active = [active[position] for position in keep]
@@ -266,6 +272,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     clean: int = 0  # tokens written since the answer first showed content
     stopped_by: StopReason | None = None
+    refused: bool | None = None  # the verdict, once the row is decided and counted
 
 
 def generate_verdicts(
@@ -292,8 +299,9 @@ def generate_verdicts(
     ``stop_at_marker`` stops refused answers early in full mode too. ``response_prefix`` is
     skipped before judging (see :func:`~blasphemer.evaluation.markers.common_response_prefix`).
     ``on_batch`` is called with the number of prompts of each finished batch.
-    ``should_stop(refused, judged)`` is asked after each batch with the refusals and judged
-    prompts so far; when it answers True the remaining prompts are not generated and get
+    ``should_stop(refused, judged)`` is asked whenever answers have been decided, with the
+    refusals and decided prompts so far (a decided answer's verdict is final); when it answers
+    True generation stops there, mid-batch too: the undecided prompts get
     :attr:`StopReason.SKIPPED` verdicts (``refused=False``), so the refusal count is a lower bound.
     ``share_prefix`` runs the prompts' shared leading tokens once (see :func:`shared_prefix`).
     ``layer_cache`` records every batch's prefill the first time and replays it below the
@@ -336,6 +344,26 @@ def generate_verdicts(
                 if row.stopped_by is None and len(row.tokens) >= max_new_tokens:
                     row.stopped_by = StopReason.LENGTH
 
+    counted = [0, 0]  # refusals and prompts decided so far
+
+    def halt(active: list[_Row]) -> bool:
+        """Count the rows of ``active`` decided since the last call; ask ``should_stop``."""
+        assert should_stop is not None
+        new = [row for row in active if row.stopped_by is not None and row.refused is None]
+        if not new:
+            return False
+        # A marker stop is a refusal by construction; other endings are judged on the text.
+        unread = [row for row in new if row.stopped_by is not StopReason.MARKER]
+        texts = decode_answers(tokenizer, [row.tokens for row in unread])
+        for row, text in zip(unread, texts, strict=True):
+            row.refused = markers.refuses(judged(text))
+        for row in new:
+            if row.stopped_by is StopReason.MARKER:
+                row.refused = True
+        counted[0] += sum(bool(row.refused) for row in new)
+        counted[1] += len(new)
+        return should_stop(counted[0], counted[1])
+
     def decide(open_rows: list[_Row]) -> None:
         texts = decode_answers(tokenizer, [row.tokens for row in open_rows])
         for row, text in zip(open_rows, texts, strict=True):
@@ -365,17 +393,24 @@ def generate_verdicts(
                 # The layout too: a prefix that cannot be shared for longer answers changes it.
                 (tuple(indices), 0 if prefix is None else prefix.length, len(suffixes[indices[0]])),
             )
-            _decode(batch, [rows[i] for i in indices], absorb, max_new_tokens, drafts, draft_tokens)
+            halted = _decode(
+                batch,
+                [rows[i] for i in indices],
+                absorb,
+                max_new_tokens,
+                drafts,
+                draft_tokens,
+                None if should_stop is None else halt,
+            )
             del batch  # free the KV cache before the next batch allocates its own
-            if on_batch is not None:
+            if on_batch is not None and all(rows[i].stopped_by is not None for i in indices):
                 on_batch(len(indices))
-            if should_stop is not None:
-                done = [row for row in rows if row.stopped_by is not None]
-                texts = decode_answers(tokenizer, [row.tokens for row in done])
-                refused = sum(markers.refuses(judged(text)) for text in texts)
-                if should_stop(refused, len(done)):
-                    break
+            if halted:
+                break
 
+    for row in rows:
+        if row.stopped_by is None:  # skipped, perhaps halfway: no verdict, no partial answer
+            row.tokens = []
     texts = decode_answers(tokenizer, [row.tokens for row in rows])
     return [
         Verdict(

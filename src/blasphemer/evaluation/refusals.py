@@ -144,7 +144,7 @@ class RefusalScorer:
     ) -> RefusalResult:
         """Generate and judge an answer to every prompt with the model as it is now.
 
-        ``should_stop(refused, judged)`` may end the evaluation after any batch (see
+        ``should_stop(refused, judged)`` may end the evaluation once any answer is decided (see
         :func:`~blasphemer.evaluation.generation.generate_verdicts`); the result is then
         :attr:`RefusalResult.partial` and its ``rate`` a lower bound over all prompts.
         """
