@@ -18,8 +18,11 @@ and the layer cache, as a run has them). bfloat16 rounds: instead of equality it
 many verdicts (the unedited model's and each edit's) and answers differ, and how far the KL
 values move. ``--lever attention`` does the same in bfloat16 with transformers' attention
 kernels: ``sdpa`` (its default, what a run uses) and ``eager``. ``--lever window`` does it in
-bfloat16 with an answer decided after 16 clean tokens and after 8 (the model is loaded and its
-directions fitted in each lane, as for the other levers, though the two lanes' are the same).
+bfloat16 with an answer decided after 16 clean tokens and after 8. ``--lever batch`` does it in
+bfloat16 with 32 prompts a batch and 64 (50 prompts: two batches against one). Lanes that load
+the model the same way (dtype and attention kernel) share one load and one set of directions.
+``--exact`` answers in full, stopped only at a marker (the exact verdicts of a comparison's
+``exact`` mode), instead of deciding an answer after ``--decided-after`` clean tokens.
 
 ``--lever layers`` compares the shared prefix alone with the shared prefix plus the layer cache
 (:mod:`blasphemer.evaluation.frozen`, which replays the layers below an edit's first edited
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="max_new_tokens")
     parser.add_argument("--decided-after", type=int, default=DEFAULT_DECIDED_AFTER)
+    parser.add_argument(
+        "--exact", action="store_true", help="Whole answers, stopped only at a marker."
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lever", choices=("prefix", "layers", *LANES), default="prefix")
@@ -150,7 +156,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "prompts": args.prompts,
         "batch_size": args.batch_size,
         "max_new_tokens": args.tokens,
-        "decided_after": args.decided_after,
+        "decided_after": None if args.exact else args.decided_after,
         "threads": args.threads,
         "repeats": args.repeats,
     }
@@ -285,45 +291,58 @@ def _random_edits(n_layers: int, count: int) -> list[AblationParameters]:
 
 
 # The two-lane levers: (lane name, dtype, attention kernel or None for the default, clean
-# tokens that decide an answer or None for --decided-after), the baseline first, and what the
-# report calls the lever.
-Lane = tuple[str, str, str | None, int | None]
+# tokens that decide an answer or None for --decided-after, prompts a batch or None for
+# --batch-size), the baseline first, and what the report calls the lever.
+Lane = tuple[str, str, str | None, int | None, int | None]
 LANES: dict[str, tuple[list[Lane], str]] = {
     "dtype": (
-        [("float32", "float32", None, None), ("bfloat16", "bfloat16", None, None)],
+        [("float32", "float32", None, None, None), ("bfloat16", "bfloat16", None, None, None)],
         "bfloat16 against float32 (shared prefix and layer cache in both)",
     ),
     "attention": (
-        [("sdpa", "bfloat16", "sdpa", None), ("eager", "bfloat16", "eager", None)],
+        [("sdpa", "bfloat16", "sdpa", None, None), ("eager", "bfloat16", "eager", None, None)],
         "eager attention against sdpa (transformers' default), both in bfloat16 with the "
         "shared prefix and layer cache",
     ),
     "window": (
-        [("16 clean tokens", "bfloat16", None, 16), ("8 clean tokens", "bfloat16", None, 8)],
+        [
+            ("16 clean tokens", "bfloat16", None, 16, None),
+            ("8 clean tokens", "bfloat16", None, 8, None),
+        ],
         "an answer decided after 8 clean tokens against 16, both in bfloat16 with the shared "
         "prefix and layer cache",
+    ),
+    "batch": (
+        [("32 a batch", "bfloat16", None, None, 32), ("64 a batch", "bfloat16", None, None, 64)],
+        "64 prompts a batch against 32, both in bfloat16 with the shared prefix and layer cache",
     ),
 }
 
 
 def lanes_bench(args: argparse.Namespace, lever: str) -> int:
-    """``--lever dtype``, ``attention`` or ``window``: both passes in each of the lever's two
-    settings (the model loaded and its directions fitted in each), over edits drawn from the
-    search space; the agreement of verdicts, answers and KL values between the two."""
+    """``--lever dtype``, ``attention``, ``window`` or ``batch``: both passes in each of the
+    lever's two settings (the model loaded and its directions fitted once per dtype and
+    attention kernel), over edits drawn from the search space; the agreement of verdicts,
+    answers and KL values between the two."""
     specs, title = LANES[lever]
     lanes: dict[str, dict[str, Any]] = {}
-    for name, dtype, attention, window in specs:
+    loads: dict[tuple[str, str | None], tuple[Any, ...]] = {}
+    for name, dtype, attention, window, batch_size in specs:
         started = time.perf_counter()
-        loaded, model_map, harmful, harmless, directions = _setup(args, dtype, attention)
+        if (dtype, attention) not in loads:
+            loads[dtype, attention] = _setup(args, dtype, attention)
+        loaded, model_map, harmful, harmless, directions = loads[dtype, attention]
+        size = batch_size or args.batch_size
         layers = loaded.model.get_submodule(model_map.layers_path)
         caches = [LayerCache(layers, loaded.model.get_input_embeddings()) for _ in range(2)]
-        kl = KLScorer(loaded, harmless, batch_size=args.batch_size, layer_cache=caches[0])
+        kl = KLScorer(loaded, harmless, batch_size=size, layer_cache=caches[0])
         refusals = RefusalScorer(
             loaded,
             harmful,
             max_new_tokens=args.tokens,
-            decided_after=args.decided_after if window is None else window,
-            batch_size=args.batch_size,
+            decided_after=None if args.exact else window or args.decided_after,
+            batch_size=size,
+            stop_at_marker=args.exact,
             layer_cache=caches[1],
         )
         original = refusals.evaluate()  # records the refusal pass's layer cache
@@ -390,6 +409,7 @@ def lanes_bench(args: argparse.Namespace, lever: str) -> int:
         "edits": len(rows),
         "setup_seconds": {d: lanes[d]["setup_seconds"] for d in lanes},
         "lane_decided_after": {d: lanes[d]["scorers"][1].decided_after for d in lanes},
+        "lane_batch_size": {d: lanes[d]["scorers"][1].batch_size for d in lanes},
         "original_refused": [sum(o) for o in originals],
         "original_verdicts_differing": sum(a != b for a, b in zip(*originals, strict=True)),
         "direction_cosine_min": float(cosines.min()),
