@@ -13,8 +13,9 @@ refusals of every kind against compliant answers; ``substitutes``: safe substitu
 compliant answers; each layer's output averaged over the response tokens, the model reading
 Qwen's labelled answers to harmful prompts in ``bench/judge/``, those to the probed prompts
 left out). ``+`` joins two sources into one edit that removes both, e.g. ``run+substitutes``;
-``+embed`` also removes the run's direction (at the trial's direction index) from the token
-embeddings, in full (``run+embed:5x1.0``; models with untied embeddings only).
+``+embed`` also removes the run's direction (at the trial's direction index; layer 0's for
+per-layer directions) from the token embeddings, in full (``run+embed:5x1.0``; models with
+untied embeddings only).
 Each edit and the original answer public harmful prompts greedily in full (the run's
 ``max_new_tokens``), judged by the refusal markers and by the semantic judge, and KL is measured
 on public harmless prompts. The prompts default to ``harmful_test.json[100:200]`` and
