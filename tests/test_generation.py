@@ -341,36 +341,16 @@ def test_invalid_arguments(llama, tokenizer) -> None:
         run(llama, tokenizer, [""], markers, decided_after=None)
 
 
-def _check_stopped(partial, complete, calls, n_texts) -> None:
-    """Decided prompts keep the complete run's verdicts, the rest are SKIPPED with no answer,
-    and every call saw the refusals and decided prompts so far (a lower bound of the count)."""
-    skipped = [v for v in partial if v.stopped_by is StopReason.SKIPPED]
-    decided = [
-        (p, c)
-        for p, c in zip(partial, complete, strict=True)
-        if p.stopped_by is not StopReason.SKIPPED
-    ]
-    assert skipped and all(not v.refused and not v.tokens and not v.text for v in skipped)
-    assert all(p == c for p, c in decided)
-    assert calls[-1] == (sum(p.refused for p, _ in decided), len(decided))
-    assert calls[-1][0] <= sum(c.refused for c in complete)
-    assert [judged for _, judged in calls] == sorted({judged for _, judged in calls})
-    assert len(decided) + len(skipped) == n_texts
+def _stop_once_eight_decided(llama, tokenizer, texts, **options) -> tuple[list, list]:
+    """Run with a stop asked for once 8 answers are decided, against the same run without it.
 
-
-@pytest.mark.parametrize("mode", ["early", "stop at marker", "full"])
-def test_should_stop_ends_a_batch_midway(llama, tokenizer, texts, mode) -> None:
-    """One batch of every prompt: stopping once 8 answers are decided leaves the batch's open
-    answers undecided (SKIPPED) instead of finishing them."""
+    Checks that decided prompts keep the complete run's verdicts, that the rest are SKIPPED with
+    no answer, and that every call saw the refusals and decided prompts so far (a lower bound of
+    the count). Returns the calls' ``(refused, decided)`` and the finished batches' sizes.
+    """
     full = run(llama, tokenizer, texts, RefusalMarkers(["zzz"]), decided_after=None)
     markers = pick_markers([v.text for v in full])
-    options = {
-        "early": {"decided_after": 4},
-        "stop at marker": {"decided_after": None, "stop_at_marker": True},
-        "full": {"decided_after": None},
-    }[mode]
-    one_batch = {"batch_size": len(texts), **options}
-    complete = run(llama, tokenizer, texts, markers, **one_batch)
+    complete = run(llama, tokenizer, texts, markers, **options)
     calls: list[tuple[int, int]] = []
     batches: list[int] = []
 
@@ -385,34 +365,41 @@ def test_should_stop_ends_a_batch_midway(llama, tokenizer, texts, mode) -> None:
         markers,
         should_stop=stop_at_eight,
         on_batch=batches.append,
-        **one_batch,
+        **options,
     )
-    _check_stopped(partial, complete, calls, len(texts))
+    skipped = [v for v in partial if v.stopped_by is StopReason.SKIPPED]
+    decided = [
+        (p, c)
+        for p, c in zip(partial, complete, strict=True)
+        if p.stopped_by is not StopReason.SKIPPED
+    ]
+    assert skipped and all(not v.refused and not v.tokens and not v.text for v in skipped)
+    assert all(p == c for p, c in decided)
+    assert calls[-1] == (sum(p.refused for p, _ in decided), len(decided))
+    assert calls[-1][0] <= sum(c.refused for c in complete)
+    assert [judged for _, judged in calls] == sorted({judged for _, judged in calls})
+    assert len(decided) + len(skipped) == len(texts)
+    return calls, batches
+
+
+@pytest.mark.parametrize("mode", ["early", "stop at marker", "full"])
+def test_should_stop_ends_a_batch_midway(llama, tokenizer, texts, mode) -> None:
+    """One batch of every prompt: stopping once 8 answers are decided leaves the batch's open
+    answers undecided (SKIPPED) instead of finishing them."""
+    options = {
+        "early": {"decided_after": 4},
+        "stop at marker": {"decided_after": None, "stop_at_marker": True},
+        "full": {"decided_after": None},
+    }[mode]
+    calls, batches = _stop_once_eight_decided(
+        llama, tokenizer, texts, batch_size=len(texts), **options
+    )
     assert 8 <= calls[-1][1] < len(texts) and batches == []  # the one batch did not finish
 
 
 def test_should_stop_between_batches(llama, tokenizer, texts) -> None:
     """Batches of 8: a stop asked for once the first batch is decided skips the other three."""
-    full = run(llama, tokenizer, texts, RefusalMarkers(["zzz"]), decided_after=None)
-    markers = pick_markers([v.text for v in full])
-    complete = run(llama, tokenizer, texts, markers, decided_after=4)
-    calls: list[tuple[int, int]] = []
-    batches: list[int] = []
-
-    def stop_after_a_batch(refused: int, judged: int) -> bool:
-        calls.append((refused, judged))
-        return judged >= 8
-
-    partial = run(
-        llama,
-        tokenizer,
-        texts,
-        markers,
-        decided_after=4,
-        should_stop=stop_after_a_batch,
-        on_batch=batches.append,
-    )
-    _check_stopped(partial, complete, calls, len(texts))
+    calls, batches = _stop_once_eight_decided(llama, tokenizer, texts, decided_after=4)
     assert calls[-1][1] == 8 and batches == [8]
 
 
