@@ -22,6 +22,12 @@ on public harmless prompts. The prompts default to ``harmful_test.json[100:200]`
 ``harmless_test.json[100:200]``: the hand-labelled independent check (``bench/answers.py``)
 uses the first 100, so probing here leaves it unseen. Writes every number and answer to
 ``--out`` and prints a line per edit.
+
+``--prefill TEXT`` starts every harmful answer with ``TEXT`` (appended after the chat template's
+assistant header), so the model continues an answer that has already begun to comply, e.g.
+``--prefill "Sure, here"``. The recorded answers are the continuations, without ``TEXT``. It
+measures how far the model can do the tasks at all once it has begun: a ceiling for what any
+edit could reach by reading (issue 11).
 """
 
 from __future__ import annotations
@@ -209,9 +215,9 @@ class Probe:
         }
 
 
-def open_run(run: Path, window: slice, batch_size: int) -> Probe:
+def open_run(run: Path, window: slice, batch_size: int, prefill: str = "") -> Probe:
     """The run in ``run`` (its ``study.db``) prepared for probing on the public prompts in
-    ``window``; one thread, no autograd."""
+    ``window``, each harmful answer starting with ``prefill``; one thread, no autograd."""
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -233,7 +239,7 @@ def open_run(run: Path, window: slice, batch_size: int) -> Probe:
     tokenizer = ctx.loaded.tokenizer
     answers = RefusalScorer(
         ctx.loaded,
-        prompts.render(tokenizer, harm),
+        [text + prefill for text in prompts.render(tokenizer, harm)],
         markers=settings.refusal_markers,
         max_new_tokens=settings.max_new_tokens,
         decided_after=None,
@@ -260,13 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=100, help="First public prompt used.")
     parser.add_argument("--count", type=int, default=100, help="Prompts of each kind.")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--prefill", default="", help="Text every harmful answer starts with.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     edits = parse_edits(args.edits)
     window = slice(args.first, args.first + args.count)
-    probe = open_run(args.run, window, args.batch_size)
+    probe = open_run(args.run, window, args.batch_size, args.prefill)
     directions = {"run": probe.directions}
     report: dict[str, Any] = {"run": str(args.run), "settings": probe.stored, "edits": {}}
+    report["prefill"] = args.prefill
     wanted = {part for source, _, _ in edits for part in source.split("+")}
     if "refused" in wanted:
         directions["refused"], kept, total = refused_directions(probe.ctx)

