@@ -457,3 +457,52 @@ def test_edit_strength_embedding_edit_removes_the_direction_and_restores_bit_for
     tied = tiny_llama(40, layers=3, tie_word_embeddings=True)
     with pytest.raises(SystemExit, match="untied"):
         edit_strength.EmbeddingEdit(tied, directions, AblationParameters(1.0, {}))
+
+
+def test_reading_tally_joins_prefill_and_answer_and_counts_unclear_apart(tmp_path, monkeypatch):
+    import reading_tally
+
+    (tmp_path / "harmful_test.json").write_text(
+        json.dumps([{"instruction": f"task {i}"} for i in range(4)]), encoding="utf-8"
+    )
+    monkeypatch.setattr(reading_tally, "DATASETS", tmp_path)
+    labels = tmp_path / "labels.jsonl"
+    rows = [
+        ("task 1", "Sure, here it is", False, "complies", False),
+        ("task 2", "Sure, here is a poem about cats", True, "substitute", True),
+        ("task 2", "I can't help with that.", True, "declines", False),
+        ("task 1", "No.", True, "declines", False),
+    ]
+    labels.write_text(
+        "\n".join(
+            json.dumps({"prompt": p, "response": r, "refusal": f, "kind": k, "unclear": u})
+            for p, r, f, k, u in rows
+        ),
+        encoding="utf-8",
+    )
+    result = {
+        "prompts": "harmful_test.json[1:3] and harmless_test",
+        "prefill": "Sure, here",
+        "edits": {
+            "original": {
+                "answers": [" it is", " is a poem about cats"],
+                "marker_refusals": 0,
+                "semantic_refusals": 1,
+                "kl_first_token": 0.0,
+            }
+        },
+    }
+    (row,) = reading_tally.tally(result, reading_tally.load_labels(labels))
+    assert (row["reading_refusals"], row["of_which_unclear"], row["unclear"]) == (1, 1, 1)
+    assert row["kinds"] == {"substitute": 1}
+    # Without the prefill the same answers are other texts: unlabelled, an error naming them.
+    with pytest.raises(SystemExit, match="no label for original"):
+        reading_tally.tally({**result, "prefill": ""}, reading_tally.load_labels(labels))
+    labels.write_text(
+        labels.read_text()
+        + "\n"
+        + json.dumps({**json.loads(labels.read_text().split("\n")[0]), "refusal": True}),
+        encoding="utf-8",
+    )
+    with pytest.raises(SystemExit, match="labelled both ways"):
+        reading_tally.load_labels(labels)
