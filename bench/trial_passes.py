@@ -19,7 +19,9 @@ many verdicts (the unedited model's and each edit's) and answers differ, and how
 values move. ``--lever attention`` does the same in bfloat16 with transformers' attention
 kernels: ``sdpa`` (its default, what a run uses) and ``eager``. ``--lever window`` does it in
 bfloat16 with an answer decided after 16 clean tokens and after 8. ``--lever batch`` does it in
-bfloat16 with 32 prompts a batch and 64 (50 prompts: two batches against one). Lanes that load
+bfloat16 with 32 prompts a batch and 64 (50 prompts: two batches against one). ``--lever
+argmax`` does it in bfloat16 with the next token picked by ``argmax`` on the logits (as before)
+and by ``max(...).indices`` (``decoding.top_tokens``, shipped). Lanes that load
 the model the same way (dtype and attention kernel) share one load and one set of directions.
 ``--exact`` answers in full, stopped only at a marker (the exact verdicts of a comparison's
 ``exact`` mode), instead of deciding an answer after ``--decided-after`` clean tokens.
@@ -34,10 +36,12 @@ that verdicts and KL values are equal bit for bit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +55,7 @@ from blasphemer import architectures, prompts
 from blasphemer.ablation import AblationParameters, ComponentKind, KernelParameters
 from blasphemer.directions import compute_directions
 from blasphemer.editing import Ablation
-from blasphemer.evaluation import KLScorer, RefusalScorer
+from blasphemer.evaluation import KLScorer, RefusalScorer, decoding
 from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.markers import DEFAULT_DECIDED_AFTER
 from blasphemer.evaluation.prefix import split_prefix
@@ -292,42 +296,73 @@ def _random_edits(n_layers: int, count: int) -> list[AblationParameters]:
 
 # The two-lane levers: (lane name, dtype, attention kernel or None for the default, clean
 # tokens that decide an answer or None for --decided-after, prompts a batch or None for
-# --batch-size), the baseline first, and what the report calls the lever.
-Lane = tuple[str, str, str | None, int | None, int | None]
+# --batch-size, how the next token is picked: None for the shipped ``top_tokens`` or "argmax"
+# for ``argmax`` on the logits as before), the baseline first, and what the report calls the
+# lever.
+Lane = tuple[str, str, str | None, int | None, int | None, str | None]
 LANES: dict[str, tuple[list[Lane], str]] = {
     "dtype": (
-        [("float32", "float32", None, None, None), ("bfloat16", "bfloat16", None, None, None)],
+        [
+            ("float32", "float32", None, None, None, None),
+            ("bfloat16", "bfloat16", None, None, None, None),
+        ],
         "bfloat16 against float32 (shared prefix and layer cache in both)",
     ),
     "attention": (
-        [("sdpa", "bfloat16", "sdpa", None, None), ("eager", "bfloat16", "eager", None, None)],
+        [
+            ("sdpa", "bfloat16", "sdpa", None, None, None),
+            ("eager", "bfloat16", "eager", None, None, None),
+        ],
         "eager attention against sdpa (transformers' default), both in bfloat16 with the "
         "shared prefix and layer cache",
     ),
     "window": (
         [
-            ("16 clean tokens", "bfloat16", None, 16, None),
-            ("8 clean tokens", "bfloat16", None, 8, None),
+            ("16 clean tokens", "bfloat16", None, 16, None, None),
+            ("8 clean tokens", "bfloat16", None, 8, None, None),
         ],
         "an answer decided after 8 clean tokens against 16, both in bfloat16 with the shared "
         "prefix and layer cache",
     ),
     "batch": (
-        [("32 a batch", "bfloat16", None, None, 32), ("64 a batch", "bfloat16", None, None, 64)],
+        [
+            ("32 a batch", "bfloat16", None, None, 32, None),
+            ("64 a batch", "bfloat16", None, None, 64, None),
+        ],
         "64 prompts a batch against 32, both in bfloat16 with the shared prefix and layer cache",
+    ),
+    "argmax": (
+        [
+            ("argmax", "bfloat16", None, None, None, "argmax"),
+            ("max indices", "bfloat16", None, None, None, None),
+        ],
+        "the next token as max(...).indices against argmax on the bfloat16 logits, both with "
+        "the shared prefix and layer cache",
     ),
 }
 
 
+@contextlib.contextmanager
+def _picking(picker: str | None) -> Iterator[None]:
+    """Decode with ``argmax`` on the logits (as before ``top_tokens``) for "argmax"."""
+    shipped = decoding.top_tokens
+    if picker == "argmax":
+        decoding.top_tokens = lambda logits: logits.argmax(dim=-1)
+    try:
+        yield
+    finally:
+        decoding.top_tokens = shipped
+
+
 def lanes_bench(args: argparse.Namespace, lever: str) -> int:
-    """``--lever dtype``, ``attention``, ``window`` or ``batch``: both passes in each of the
-    lever's two settings (the model loaded and its directions fitted once per dtype and
-    attention kernel), over edits drawn from the search space; the agreement of verdicts,
+    """``--lever dtype``, ``attention``, ``window``, ``batch`` or ``argmax``: both passes in
+    each of the lever's two settings (the model loaded and its directions fitted once per dtype
+    and attention kernel), over edits drawn from the search space; the agreement of verdicts,
     answers and KL values between the two."""
     specs, title = LANES[lever]
     lanes: dict[str, dict[str, Any]] = {}
     loads: dict[tuple[str, str | None], tuple[Any, ...]] = {}
-    for name, dtype, attention, window, batch_size in specs:
+    for name, dtype, attention, window, batch_size, picker in specs:
         started = time.perf_counter()
         if (dtype, attention) not in loads:
             loads[dtype, attention] = _setup(args, dtype, attention)
@@ -347,6 +382,7 @@ def lanes_bench(args: argparse.Namespace, lever: str) -> int:
         )
         original = refusals.evaluate()  # records the refusal pass's layer cache
         lanes[name] = {
+            "picker": picker,
             "model_map": model_map,
             "directions": directions,
             "scorers": (kl, refusals),
@@ -365,7 +401,8 @@ def lanes_bench(args: argparse.Namespace, lever: str) -> int:
             for name in order:
                 lane = lanes[name]
                 kl, refusals = lane["scorers"]
-                with Ablation(lane["directions"], parameters).apply(lane["model_map"]):
+                edit = Ablation(lane["directions"], parameters).apply(lane["model_map"])
+                with edit, _picking(lane["picker"]):
                     started = time.perf_counter()
                     divergence = kl.per_prompt()
                     times[name]["kl"].append(time.perf_counter() - started)

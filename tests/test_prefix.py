@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from blasphemer.architectures import resolve
 from blasphemer.evaluation import KLScorer
-from blasphemer.evaluation.decoding import ForwardSpec
+from blasphemer.evaluation.decoding import ForwardSpec, top_tokens
 from blasphemer.evaluation.generation import (
     generate_verdicts,
     greedy_tokens,
@@ -168,3 +168,16 @@ def test_residual_means_equal_whole_prompts(name: str) -> None:
     double = dtype == torch.float64
     tolerance = dict(rtol=1e-9, atol=1e-10) if double else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(shared.means, alone.means, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_top_tokens_equal_argmax_with_ties_and_nan(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    # Values rounded to a few levels, so most rows hold the largest value several times.
+    logits = (torch.randn(7, 3, 1000, generator=generator) * 2).round().to(dtype)
+    logits[0, 0, 10] = logits[0, 0, 900] = 1e4  # a tie far apart: the first one wins
+    logits[1, 2, 500] = logits[1, 2, 20] = float("nan")  # NaN counts as largest, first NaN
+    got = top_tokens(logits)
+    assert torch.equal(got, logits.argmax(dim=-1))
+    assert got[0, 0] == 10 and got[1, 2] == 20
+    assert got.dtype == torch.int64 and got.shape == (7, 3)

@@ -27,6 +27,15 @@ from blasphemer.evaluation.prefix import PrefixState, shareable, with_prefix_col
 from blasphemer.loading import input_device
 
 
+def top_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The arg-max over the last dimension: the first index of the largest value, as
+    ``argmax`` gives it (NaN counts as largest in both). ``max(...).indices`` is used because
+    on a CPU ``argmax`` over bfloat16 logits is about 7x slower: with Qwen's 151,936-token
+    vocabulary it took 29 ms of a ~0.4 s decoding step at 32 rows, ``max`` 4 ms
+    (bench/trial_passes.py --lever argmax)."""
+    return logits.max(dim=-1).indices
+
+
 def left_pad(
     prompts: Sequence[Sequence[int]], pad_id: int, extra_columns: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +152,7 @@ class DecodingBatch:
         cache = output.get("cache")
         self.cache = cache if cache is not None else output.get("past_key_values")
         # Logits may come out on another device than the embeddings (device_map="auto").
-        return output.logits[:, -keep:, :].argmax(dim=-1).to(self.device)
+        return top_tokens(output.logits[:, -keep:, :]).to(self.device)
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; return the first new token of every row (on the model's device)."""
