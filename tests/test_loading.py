@@ -249,22 +249,33 @@ def test_loaded_model_generates(llama_dir: Path) -> None:
     assert output.shape == (2, batch["input_ids"].shape[1] + 2)
 
 
-def test_the_head_gets_a_contiguous_input(llama_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "texts", [["hello world how are you", "the capital of"], ["the capital of"]]
+)
+def test_the_head_gets_a_contiguous_input(llama_dir: Path, texts: list[str]) -> None:
     """``logits_to_keep`` hands the head a strided slice, which torch multiplies very slowly in
-    bfloat16 on a CPU: the loader makes it contiguous, and the kept logits stay those of the
-    full pass."""
+    bfloat16 on a CPU: the loader lays it out afresh, for one row too (where ``is_contiguous``
+    says yes to the slice), and the kept logits stay those of the full pass."""
     loaded = load_model(str(llama_dir), dtypes=("bfloat16",), device_map="cpu")
     seen: list[torch.Tensor] = []
     head = loaded.model.get_output_embeddings()
     head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    batch = loaded.tokenizer(
-        ["hello world how are you", "the capital of"], return_tensors="pt", padding=True
-    )
+    batch = loaded.tokenizer(texts, return_tensors="pt", padding=True)
     with torch.inference_mode():
         kept = loaded.model(**batch, logits_to_keep=1).logits
         full = loaded.model(**batch).logits[:, -1:, :]
-    assert seen[0].shape[1] == 1 and seen[0].is_contiguous()
+    rows, width = len(texts), loaded.model.config.hidden_size
+    assert seen[0].shape == (rows, 1, width) and seen[0].stride() == (width, width, 1)
     torch.testing.assert_close(kept, full)
+
+
+def test_standard_strides() -> None:
+    fresh = torch.zeros(3, 1, 4)
+    assert loading.standard_strides(fresh)
+    assert loading.standard_strides(torch.zeros(5))
+    sliced = torch.zeros(1, 6, 4)[:, -1:, :]
+    assert sliced.is_contiguous() and not loading.standard_strides(sliced)
+    assert not loading.standard_strides(torch.zeros(4, 3).t())
 
 
 def test_bfloat16_on_a_cpu_without_its_instructions_gets_a_hint(
