@@ -31,8 +31,8 @@ def top_tokens(logits: torch.Tensor) -> torch.Tensor:
     """The arg-max over the last dimension: the first index of the largest value, as
     ``argmax`` gives it (NaN counts as largest in both). ``max(...).indices`` is used because
     on a CPU ``argmax`` over bfloat16 logits is about 7x slower: with Qwen's 151,936-token
-    vocabulary it took 29 ms of a ~0.4 s decoding step at 32 rows, ``max`` 4 ms
-    (bench/trial_passes.py --lever argmax)."""
+    vocabulary it took 29 ms of a ~0.4 s decoding step at 32 rows, ``max`` 4 ms (measured
+    alone; a whole trial: bench/results/2026-12-05-argmax.md)."""
     return logits.max(dim=-1).indices
 
 
