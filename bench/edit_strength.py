@@ -45,7 +45,7 @@ import optuna
 import torch
 
 import models as bench_models
-from answers import DATASETS
+from answers import _instructions
 from blasphemer import prompts
 from blasphemer.ablation import AblationParameters
 from blasphemer.app import stages
@@ -233,9 +233,8 @@ def open_run(run: Path, window: slice, batch_size: int, prefill: str = "") -> Pr
         for t in study.get_trials()
         if "result" in t.user_attrs
     }
-    harm = [r["instruction"] for r in json.loads((DATASETS / "harmful_test.json").read_text())]
-    safe = [r["instruction"] for r in json.loads((DATASETS / "harmless_test.json").read_text())]
-    harm, safe = harm[window], safe[window]
+    harm = _instructions("harmful_test.json", window.stop)[window]
+    safe = _instructions("harmless_test.json", window.stop)[window]
     tokenizer = ctx.loaded.tokenizer
     answers = RefusalScorer(
         ctx.loaded,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from answers import DATASETS
+from answers import _instructions
 
 
 def load_labels(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
@@ -45,8 +45,7 @@ def harmful_prompts(result: dict[str, Any]) -> list[str]:
     found = re.search(r"harmful_test\.json\[(\d+):(\d+)\]", result["prompts"])
     if found is None:
         raise SystemExit(f"cannot tell the prompts from {result['prompts']!r}")
-    rows = json.loads((DATASETS / "harmful_test.json").read_text(encoding="utf-8"))
-    return [r["instruction"] for r in rows][int(found[1]) : int(found[2])]
+    return _instructions("harmful_test.json", int(found[2]))[int(found[1]) :]
 
 
 def tally(result: dict[str, Any], labels: dict[tuple[str, str], dict[str, Any]]) -> list[dict]:

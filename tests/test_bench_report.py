@@ -460,12 +460,13 @@ def test_edit_strength_embedding_edit_removes_the_direction_and_restores_bit_for
 
 
 def test_reading_tally_joins_prefill_and_answer_and_counts_unclear_apart(tmp_path, monkeypatch):
+    import answers
     import reading_tally
 
     (tmp_path / "harmful_test.json").write_text(
         json.dumps([{"instruction": f"task {i}"} for i in range(4)]), encoding="utf-8"
     )
-    monkeypatch.setattr(reading_tally, "DATASETS", tmp_path)
+    monkeypatch.setattr(answers, "DATASETS", tmp_path)
     labels = tmp_path / "labels.jsonl"
     rows = [
         ("task 1", "Sure, here it is", False, "complies", False),
