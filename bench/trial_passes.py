@@ -21,7 +21,9 @@ kernels: ``sdpa`` (its default, what a run uses) and ``eager``. ``--lever window
 bfloat16 with an answer decided after 16 clean tokens and after 8. ``--lever batch`` does it in
 bfloat16 with 32 prompts a batch and 64 (50 prompts: two batches against one). ``--lever
 argmax`` does it in bfloat16 with the next token picked by ``argmax`` on the logits (as before)
-and by ``max(...).indices`` (``decoding.top_tokens``, shipped). Lanes that load
+and by ``max(...).indices`` (``decoding.top_tokens``, shipped). ``--lever refill`` does it in
+bfloat16 with batches decoded one after the other and with a batch refilled from the next as
+its answers are decided (shipped). Lanes that load
 the model the same way (dtype and attention kernel) share one load and one set of directions.
 ``--exact`` answers in full, stopped only at a marker (the exact verdicts of a comparison's
 ``exact`` mode), instead of deciding an answer after ``--decided-after`` clean tokens.
@@ -297,47 +299,55 @@ def _random_edits(n_layers: int, count: int) -> list[AblationParameters]:
 # The two-lane levers: (lane name, dtype, attention kernel or None for the default, clean
 # tokens that decide an answer or None for --decided-after, prompts a batch or None for
 # --batch-size, how the next token is picked: None for the shipped ``top_tokens`` or "argmax"
-# for ``argmax`` on the logits as before), the baseline first, and what the report calls the
-# lever.
-Lane = tuple[str, str, str | None, int | None, int | None, str | None]
+# for ``argmax`` on the logits as before, whether decided rows are refilled from the next
+# batch), the baseline first, and what the report calls the lever.
+Lane = tuple[str, str, str | None, int | None, int | None, str | None, bool]
 LANES: dict[str, tuple[list[Lane], str]] = {
     "dtype": (
         [
-            ("float32", "float32", None, None, None, None),
-            ("bfloat16", "bfloat16", None, None, None, None),
+            ("float32", "float32", None, None, None, None, True),
+            ("bfloat16", "bfloat16", None, None, None, None, True),
         ],
         "bfloat16 against float32 (shared prefix and layer cache in both)",
     ),
     "attention": (
         [
-            ("sdpa", "bfloat16", "sdpa", None, None, None),
-            ("eager", "bfloat16", "eager", None, None, None),
+            ("sdpa", "bfloat16", "sdpa", None, None, None, True),
+            ("eager", "bfloat16", "eager", None, None, None, True),
         ],
         "eager attention against sdpa (transformers' default), both in bfloat16 with the "
         "shared prefix and layer cache",
     ),
     "window": (
         [
-            ("16 clean tokens", "bfloat16", None, 16, None, None),
-            ("8 clean tokens", "bfloat16", None, 8, None, None),
+            ("16 clean tokens", "bfloat16", None, 16, None, None, True),
+            ("8 clean tokens", "bfloat16", None, 8, None, None, True),
         ],
         "an answer decided after 8 clean tokens against 16, both in bfloat16 with the shared "
         "prefix and layer cache",
     ),
     "batch": (
         [
-            ("32 a batch", "bfloat16", None, None, 32, None),
-            ("64 a batch", "bfloat16", None, None, 64, None),
+            ("32 a batch", "bfloat16", None, None, 32, None, True),
+            ("64 a batch", "bfloat16", None, None, 64, None, True),
         ],
         "64 prompts a batch against 32, both in bfloat16 with the shared prefix and layer cache",
     ),
     "argmax": (
         [
-            ("argmax", "bfloat16", None, None, None, "argmax"),
-            ("max indices", "bfloat16", None, None, None, None),
+            ("argmax", "bfloat16", None, None, None, "argmax", True),
+            ("max indices", "bfloat16", None, None, None, None, True),
         ],
         "the next token as max(...).indices against argmax on the bfloat16 logits, both with "
         "the shared prefix and layer cache",
+    ),
+    "refill": (
+        [
+            ("batch after batch", "bfloat16", None, None, None, None, False),
+            ("refilled", "bfloat16", None, None, None, None, True),
+        ],
+        "a batch refilled from the next as its answers are decided, against batch after batch, "
+        "both in bfloat16 with the shared prefix and layer cache",
     ),
 }
 
@@ -362,7 +372,7 @@ def lanes_bench(args: argparse.Namespace, lever: str) -> int:
     specs, title = LANES[lever]
     lanes: dict[str, dict[str, Any]] = {}
     loads: dict[tuple[str, str | None], tuple[Any, ...]] = {}
-    for name, dtype, attention, window, batch_size, picker in specs:
+    for name, dtype, attention, window, batch_size, picker, refill in specs:
         started = time.perf_counter()
         if (dtype, attention) not in loads:
             loads[dtype, attention] = _setup(args, dtype, attention)
@@ -379,6 +389,7 @@ def lanes_bench(args: argparse.Namespace, lever: str) -> int:
             batch_size=size,
             stop_at_marker=args.exact,
             layer_cache=caches[1],
+            refill=refill,
         )
         original = refusals.evaluate()  # records the refusal pass's layer cache
         lanes[name] = {

@@ -209,6 +209,9 @@ def test_refusal_scorer_full_mode_matches_generate_in_prompt_order() -> None:
     assert result.interval()[0] <= result.rate <= result.interval()[1]
     assert scorer.score() == result.rate
     assert isinstance(scorer, Scorer)
+    # Later passes admit waiting prompts in the order the last pass suggests (refused first,
+    # then long answers): other batch shapes, the same answers.
+    assert scorer.evaluate().responses == answers
 
 
 def force_think_block(model: LlamaForCausalLM):

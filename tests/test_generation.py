@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from blasphemer.evaluation.decoding import DecodingBatch, ForwardSpec
 from blasphemer.evaluation.generation import (
     StopReason,
     Verdict,
@@ -28,6 +29,7 @@ from blasphemer.evaluation.generation import (
     generate_verdicts,
     greedy_tokens,
     length_sorted_batches,
+    shared_prefix,
 )
 from blasphemer.evaluation.markers import (
     RefusalMarkers,
@@ -398,9 +400,98 @@ def test_should_stop_ends_a_batch_midway(llama, tokenizer, texts, mode) -> None:
 
 
 def test_should_stop_between_batches(llama, tokenizer, texts) -> None:
-    """Batches of 8: a stop asked for once the first batch is decided skips the other three."""
-    calls, batches = _stop_once_eight_decided(llama, tokenizer, texts, decided_after=4)
+    """Batches of 8 run one after the other: a stop asked for once the first batch is decided
+    skips the other three."""
+    calls, batches = _stop_once_eight_decided(
+        llama, tokenizer, texts, decided_after=4, refill=False
+    )
     assert calls[-1][1] == 8 and batches == [8]
+
+
+def test_should_stop_with_refilled_batches(llama, tokenizer, texts) -> None:
+    """Batches of 8 refilled from the next: the stop still comes as soon as it is asked for."""
+    calls, batches = _stop_once_eight_decided(llama, tokenizer, texts, decided_after=4)
+    assert 8 <= calls[-1][1] < len(texts) and len(batches) <= 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"decided_after": None},
+        {"decided_after": None, "stop_at_marker": True},
+        {"decided_after": 3},
+        {"decided_after": None, "share_prefix": False},
+    ],
+)
+def test_refill_keeps_every_answer_and_saves_passes(llama, tokenizer, texts, options) -> None:
+    """Rows of later batches take the places decided answers leave: the same answers (float64),
+    never more rows per pass than the batch size, and fewer passes than batch after batch."""
+    tokens, responses = hf_generate(llama, tokenizer, texts)
+    markers = pick_markers(responses)
+    rows_per_call: list[int] = []
+
+    def count(_module, args, kwargs):
+        rows_per_call.append(int(kwargs["input_ids"].shape[0]))
+
+    handle = llama.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        runs = {}
+        calls = {}
+        for refill in (False, True):
+            rows_per_call.clear()
+            runs[refill] = run(
+                llama, tokenizer, texts, markers, batch_size=5, refill=refill, **options
+            )
+            calls[refill] = list(rows_per_call)
+    finally:
+        handle.remove()
+    assert runs[True] == runs[False]
+    if options["decided_after"] is None and not options.get("stop_at_marker"):
+        assert [list(v.tokens) for v in runs[True]] == tokens
+    assert max(calls[True]) <= 5
+    assert len(calls[True]) < len(calls[False])
+    # Between prefills (a batch's first pass has more than one token a row) the refilled pass
+    # grows back: a pass with more rows than the one before it that is not a prefill.
+    assert any(b > a for a, b in pairwise(calls[True]))
+
+
+def test_refill_with_sliding_window_runs_batches_one_after_the_other(tokenizer, texts) -> None:
+    """A window cache cannot take rows with padding in front (it would count it as distance):
+    such batches are not merged, and the answers stay those of ``generate``."""
+    model = make_mistral(sliding_window=6, eos_boost=2.0)
+    tokens, responses = hf_generate(model, tokenizer, texts)
+    markers = pick_markers(responses)
+    verdicts = run(model, tokenizer, texts, markers, decided_after=None, batch_size=5)
+    assert [list(v.tokens) for v in verdicts] == tokens
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_merge_aligns_batches_of_any_width(llama, tokenizer, share) -> None:
+    """Rows of a wider batch merged into a narrower one (and the reverse) go on exactly as each
+    prompt alone: the narrower cache gets the masked columns on the left."""
+    short = encode_texts(tokenizer, ["w5 w6", "w7 w8 w9"])
+    long = encode_texts(tokenizer, ["w10 w11 w12 w13 w14 w15 w16 w17 w18", "w19 w20 w21 w22 w23"])
+    if share:  # a shared leading run, so that both batches start from one prefix cache
+        short = [[1, 40, 41, 42, 43, *p] for p in short]
+        long = [[1, 40, 41, 42, 43, *p] for p in long]
+    steps = 6
+    alone = [greedy_tokens(llama, [p], steps + 1, batch_size=1)[0] for p in short + long]
+    spec = ForwardSpec.of(llama)
+    with torch.inference_mode():
+        suffixes, prefix = shared_prefix(llama, spec, short + long, share, steps + 1)
+        assert (prefix is not None) == share
+        for first, second in ((0, 2), (2, 0)):  # narrow takes wide, then wide takes narrow
+            a = DecodingBatch(llama, spec, suffixes[first : first + 2], 0, steps + 1, prefix)
+            b = DecodingBatch(llama, spec, suffixes[second : second + 2], 0, steps + 1, prefix)
+            ta, tb = a.prefill(), b.prefill()
+            assert a.can_merge() and b.can_merge()
+            a.merge(b, torch.tensor([1, 0]))
+            order = [first, first + 1, second + 1, second]
+            columns = [torch.cat([ta, tb[[1, 0]]])]
+            for _ in range(steps):
+                columns.append(a.step(columns[-1]))
+            got = torch.stack(columns, dim=1).tolist()
+            assert got == [alone[i] for i in order]
 
 
 def test_dominance_stop_is_exact() -> None:
@@ -411,3 +502,83 @@ def test_dominance_stop_is_exact() -> None:
     assert stop(3, 5)  # bound 0.3 >= 0.3 with KL 0.2 >= 0.1: dominated whatever comes next
     no_lower_kl = dominance_stop(kl=0.05, n_prompts=10, finished=[(0.0, 0.1)])
     assert not no_lower_kl(10, 10)  # every finished trial has a higher KL: never dominated
+
+
+class _ScriptedBatch:
+    """Stands in for a DecodingBatch: prompt ``i`` writes ``lengths[i]`` tokens, then EOS (2)."""
+
+    def __init__(self, indices: list[int], lengths: dict[int, int], log: dict) -> None:
+        self.prompts = list(indices)
+        self.lengths = lengths
+        self.log = log
+        self.written = dict.fromkeys(indices, 0)
+        self.device = torch.device("cpu")
+
+    def _next(self) -> torch.Tensor:
+        tokens = []
+        for prompt in self.prompts:
+            self.written[prompt] += 1
+            tokens.append(2 if self.written[prompt] > self.lengths[prompt] else 5)
+        return torch.tensor(tokens)
+
+    def prefill(self) -> torch.Tensor:
+        return self._next()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert len(tokens) == len(self.prompts)
+        self.log["rows"].append(len(self.prompts))
+        return self._next()
+
+    def can_merge(self) -> bool:
+        return True
+
+    def can_verify(self, *_: int) -> bool:
+        return False
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.prompts = [self.prompts[int(r)] for r in rows]
+
+    def merge(self, other: _ScriptedBatch, rows: torch.Tensor) -> None:
+        moved = [other.prompts[int(r)] for r in rows]
+        self.log["joined"].extend(moved)
+        self.prompts += moved
+        self.written.update({p: other.written[p] for p in moved})
+
+
+@pytest.mark.parametrize("refill", [False, True])
+def test_refill_schedule_follows_priority_and_batch_size(refill) -> None:
+    """The scheduler alone, on scripted answers: rows join in priority order, a pass never holds
+    more than the batch size, and refilling takes fewer passes than batch after batch."""
+    from blasphemer.evaluation.generation import _decode, _Row
+
+    lengths = {0: 12, 1: 2, 2: 3, 3: 12, 4: 1, 5: 1, 6: 12, 7: 4, 8: 12, 9: 2}
+    batches = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    priority = [0.0, 0.0, 0.0, 0.0, 0.0, 3.0, -12.0, 1.0, -12.0, 2.0]  # 6 and 8 first
+    rows = [_Row(i) for i in range(10)]
+    log: dict = {"rows": [], "joined": []}
+    pending = iter(batches)
+
+    def open_next():
+        indices = next(pending, None)
+        if indices is None:
+            return None
+        return _ScriptedBatch(indices, lengths, log), [rows[i] for i in indices]
+
+    def absorb(active, new):
+        for row, tokens in zip(active, new, strict=True):
+            for token in tokens:
+                if row.stopped_by is None:
+                    if token == 2:
+                        row.stopped_by = StopReason.EOS
+                    else:
+                        row.tokens.append(token)
+
+    halted = _decode(open_next, absorb, 100, 5, None, 0, refill=refill, priority=priority)
+    assert not halted
+    assert [len(row.tokens) for row in rows] == [lengths[i] for i in range(10)]
+    assert max(log["rows"]) <= 5
+    if refill:
+        assert log["joined"] == [6, 8, 7, 9, 5]  # the order of priority
+        assert len(log["rows"]) < 2 * 12  # the long answers of both batches overlap
+    else:
+        assert log["joined"] == [] and len(log["rows"]) == 2 * 12

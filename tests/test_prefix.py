@@ -129,12 +129,18 @@ def test_greedy_tokens_and_verdicts_equal_whole_prompts(name: str) -> None:
     words = sorted({row[2] for row in alone[::2] if row[2] > 2})
     markers = RefusalMarkers([f"w{w}" for w in words])
     kwargs = dict(max_new_tokens=8, decided_after=3, batch_size=3)
+    # Batches refilled from the next (where the cache can be merged) and batch after batch.
     runs = [
-        generate_verdicts(model, tok, prompts, markers, share_prefix=share, **kwargs)
+        generate_verdicts(model, tok, prompts, markers, share_prefix=share, refill=refill, **kwargs)
         for share in (False, True)
+        for refill in (False, True)
     ]
-    assert runs[0] == runs[1]
+    assert all(other == runs[0] for other in runs[1:])
     assert any(v.refused for v in runs[0])
+    full = generate_verdicts(
+        model, tok, prompts, markers, max_new_tokens=8, decided_after=None, batch_size=3
+    )
+    assert [list(v.tokens) for v in full] == [_until(row, 2) for row in alone]
 
 
 @pytest.mark.parametrize("positions", [1, 3])
@@ -181,3 +187,7 @@ def test_top_tokens_equal_argmax_with_ties_and_nan(dtype: torch.dtype) -> None:
     assert torch.equal(got, logits.argmax(dim=-1))
     assert got[0, 0] == 10 and got[1, 2] == 20
     assert got.dtype == torch.int64 and got.shape == (7, 3)
+
+
+def _until(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens

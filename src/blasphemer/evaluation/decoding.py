@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from blasphemer.evaluation.frozen import LayerCache
 from blasphemer.evaluation.prefix import PrefixState, shareable, with_prefix_columns
@@ -198,6 +199,62 @@ class DecodingBatch:
             mask[:, self.length - fed :] = kept.to(mask.dtype)
         self.positions = self.positions + 1 + accepted.unsqueeze(1)
 
+    def can_merge(self) -> bool:
+        """Whether rows of another batch can join this one (:meth:`merge`): explicit positions
+        and a plain attention cache on every layer, with no window, so that padding columns
+        inserted before a row's tokens change nothing it attends to."""
+        layers = getattr(self.cache, "layers", None) or []
+        return (
+            self.spec.position_ids
+            and self._fed == 0
+            and bool(layers)
+            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+        )
+
+    def merge(self, other: DecodingBatch, rows: torch.Tensor) -> None:
+        """Append ``rows`` of ``other`` (indices into it) to this batch, after both fed their
+        last tokens (each row's newest arg-max not fed yet, as after :meth:`prefill`).
+
+        The KV caches are aligned on the right: the one with fewer columns gets masked-out
+        columns on the left, so every row keeps its own positions and attends to exactly its
+        own tokens (both batches must :meth:`can_merge`). ``other`` is left as it was; call its
+        :meth:`keep` for the rows that stay there.
+        """
+        if not (self.can_merge() and other.can_merge()):
+            raise ValueError("these batches cannot be merged (see DecodingBatch.can_merge)")
+        rows = rows.to(other.device)
+        width = max(self.length, other.length)
+        mine = self._mask_columns()
+        theirs = other._mask_columns()
+        if mine is None:
+            mine = torch.ones((self.rows, self.length), dtype=torch.long, device=self.device)
+        if theirs is None:
+            theirs = torch.ones((other.rows, other.length), dtype=torch.long, device=self.device)
+        self.mask = torch.cat(
+            [_pad_left(mine, width - self.length), _pad_left(theirs[rows], width - other.length)]
+        )
+        for layer, source in zip(self.cache.layers, other.cache.layers, strict=True):
+            if layer.keys.shape[-2] != self.length or source.keys.shape[-2] != other.length:
+                raise ValueError("a batch's KV cache does not hold the columns it fed")
+            picked = rows.to(source.keys.device)  # layers may sit on several devices
+            for name in ("keys", "values"):
+                setattr(
+                    layer,
+                    name,
+                    torch.cat(
+                        [
+                            _pad_left(getattr(layer, name), width - self.length, dim=-2),
+                            _pad_left(
+                                getattr(source, name).index_select(0, picked),
+                                width - other.length,
+                                dim=-2,
+                            ).to(getattr(layer, name).device),
+                        ]
+                    ),
+                )
+        self.positions = torch.cat([self.positions, other.positions.index_select(0, rows)])
+        self.length = width
+
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (indices into the current batch), in the KV cache too."""
         rows = rows.to(self.device)
@@ -207,3 +264,12 @@ class DecodingBatch:
         # reorder_cache is implemented by every cache layer type (attention, sliding window,
         # linear attention, quantised), unlike batch_select_indices; index_select keeps a subset.
         self.cache.reorder_cache(rows)
+
+
+def _pad_left(tensor: torch.Tensor, columns: int, dim: int = -1) -> torch.Tensor:
+    """``tensor`` with ``columns`` zero columns prepended along ``dim``."""
+    if columns == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = columns
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -15,7 +15,10 @@ loop is our own (not ``model.generate``) so that it can judge each answer while 
   marker (compliant);
 * decided rows leave the batch: input ids, attention mask, positions and every layer of the KV
   cache are re-indexed along the batch dimension, so later steps only pay for open answers;
-* the batch ends when every row is decided or ``max_new_tokens`` is reached;
+* the batch ends when every row is decided or ``max_new_tokens`` is reached; while prompts of
+  later batches are waiting, rows that leave are refilled from the next batch (prefilled as
+  that batch, then merged into the running one's KV cache with masked columns that align
+  them), so a pass does not wait with a few long answers where it could run a whole batch;
 * with ``should_stop``, the refusals and answers decided so far are offered after every token
   that decides an answer, so a trial that can no longer reach the front stops mid-batch.
 
@@ -201,16 +204,28 @@ def greedy_tokens(
 
 
 def _decode(
-    batch: DecodingBatch,
-    active: list[_Row],
+    open_next: Callable[[], tuple[DecodingBatch, list[_Row]] | None],
     absorb: Callable[[list[_Row], list[list[int]]], None],
     max_new_tokens: int,
+    batch_size: int,
     drafts: DraftBook | None,
     draft_tokens: int,
     halt: Callable[[list[_Row]], bool] | None = None,
+    refill: bool = True,
+    priority: Sequence[float] | None = None,
 ) -> bool:
-    """Decode ``batch`` until every row of ``active`` is decided (``absorb`` takes new tokens),
-    or until ``halt`` (asked after each absorb) says to stop: then return True.
+    """Decode the batches ``open_next`` opens (None once there are none left) until every row
+    is decided (``absorb`` takes new tokens), or until ``halt`` (asked after each absorb) says
+    to stop: then return True.
+
+    Without ``refill`` each batch is decoded to its end before the next is opened. With it, a
+    batch whose decided rows left room takes rows of the next batch in their place (prefilled
+    as that batch, then merged: :meth:`DecodingBatch.merge`), so a pass runs as many rows as
+    ``batch_size`` allows for as long as rows are waiting, instead of ending each batch with a
+    few long answers. Every row still gets exactly its own prompt's tokens, so the answers are
+    the same either way (up to arg-max near-ties between batch shapes). At most two batches'
+    KV caches are held at once: the running one and the one its rows come from. Waiting rows
+    join in the order of ``priority`` (per prompt, lowest first; ties keep the batch's order).
 
     With drafts, a pass feeds each open row's last token and the drafts proposed for it (padded
     to the longest proposal), and keeps the drafts up to the first one that differs from the
@@ -218,18 +233,60 @@ def _decode(
     verdicts and answers are the same (up to arg-max near-ties between shapes). Drafting is off
     where masked-out columns would not be exact (see :meth:`DecodingBatch.can_verify`).
     """
-    new = [[token] for token in batch.prefill().tolist()]
-    book = drafts if draft_tokens > 0 and batch.can_verify(max_new_tokens, draft_tokens) else None
+    batch: DecodingBatch | None = None
+    active: list[_Row] = []
+    waiting: DecodingBatch | None = None
+    queued: list[_Row] = []
+    book: DraftBook | None = None
+    new: list[list[int]] = []
     while True:
-        absorb(active, new)
-        if halt is not None and halt(active):
-            return True
-        keep = [position for position, row in enumerate(active) if row.stopped_by is None]
-        if not keep:
+        if active:
+            absorb(active, new)
+            if halt is not None and halt(active):
+                return True
+            keep = [position for position, row in enumerate(active) if row.stopped_by is None]
+            if len(keep) < len(active):
+                active = [active[position] for position in keep]
+                if keep:
+                    assert batch is not None
+                    batch.keep(torch.tensor(keep, dtype=torch.long))
+                else:
+                    batch = None
+        while batch is None or (refill and len(active) < batch_size and batch.can_merge()):
+            if waiting is None:
+                opened = open_next()
+                if opened is None:
+                    break
+                waiting, queued = opened
+                absorb(queued, [[token] for token in waiting.prefill().tolist()])
+                if halt is not None and halt(queued):
+                    return True
+                kept = [position for position, row in enumerate(queued) if row.stopped_by is None]
+                if not kept:
+                    waiting, queued = None, []
+                    continue
+                if priority is not None:
+                    kept.sort(key=lambda position: priority[queued[position].index])
+                if kept != list(range(len(queued))):
+                    waiting.keep(torch.tensor(kept, dtype=torch.long))
+                    queued = [queued[position] for position in kept]
+            if batch is None:
+                batch, active, waiting, queued = waiting, queued, None, []
+                can_verify = batch.can_verify(max_new_tokens, draft_tokens)
+                book = drafts if draft_tokens > 0 and can_verify else None
+                continue
+            if not waiting.can_merge():
+                break
+            room = batch_size - len(active)
+            batch.merge(waiting, torch.arange(min(room, len(queued))))
+            active, queued = active + queued[:room], queued[room:]
+            if queued:
+                waiting.keep(torch.arange(room, room + len(queued)))
+            else:
+                waiting = None
+        if batch is None:
             return False
-        if len(keep) < len(active):
-            batch.keep(torch.tensor(keep, dtype=torch.long))
-            active = [active[position] for position in keep]
+        # Every open row's newest token is the one it feeds next (not yet in the KV cache).
         last = [row.tokens[-1] for row in active]
         proposals: list[list[int]] = [[] for _ in active]
         if book is not None:
@@ -292,6 +349,8 @@ def generate_verdicts(
     layer_cache: LayerCache | None = None,
     drafts: DraftBook | None = None,
     draft_tokens: int = 0,
+    refill: bool = True,
+    priority: Sequence[float] | None = None,
 ) -> list[Verdict]:
     """Greedy answers to token-id ``prompts``, each judged and stopped as early as allowed.
 
@@ -308,8 +367,12 @@ def generate_verdicts(
     unchanged layers after (:mod:`blasphemer.evaluation.frozen`); pass the same prompts and
     ``batch_size`` every time. With ``drafts`` (one entry per prompt) and ``draft_tokens`` > 0,
     each forward pass feeds a row's next token with up to ``draft_tokens`` drafts and keeps those
-    the model's own arg-max confirms (see :func:`_decode`). Returns one :class:`Verdict` per
-    prompt, in order.
+    the model's own arg-max confirms (see :func:`_decode`). ``refill`` lets a batch take the
+    next batch's prompts into the rows its decided answers left (see :func:`_decode`; where the
+    KV cache cannot be merged exactly the batches simply run one after the other); rows waiting
+    for a place take it in the order of ``priority`` (one number per prompt, lowest first): an
+    order that starts the longest answers and the likeliest refusals first ends a pass sooner,
+    and lets ``should_stop`` stop it sooner. Returns one :class:`Verdict` per prompt, in order.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -317,6 +380,8 @@ def generate_verdicts(
         raise ValueError(f"decided_after must be at least 1 (or None), got {decided_after}")
     if drafts is not None and len(drafts) != len(prompts):
         raise ValueError(f"drafts are for {len(drafts)} prompts, not {len(prompts)}")
+    if priority is not None and len(priority) != len(prompts):
+        raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts")
     spec = ForwardSpec.of(model)
     eos = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer)
@@ -380,12 +445,16 @@ def generate_verdicts(
         batches = length_sorted_batches([len(p) for p in suffixes], batch_size)
         if layer_cache is not None:
             layer_cache.plan(sum(len(b) * max(len(suffixes[i]) for i in b) for b in batches))
-        for indices in batches:
-            batch_prompts = [suffixes[i] for i in indices]
+        pending = iter(batches)
+
+        def open_next() -> tuple[DecodingBatch, list[_Row]] | None:
+            indices = next(pending, None)
+            if indices is None:
+                return None
             batch = DecodingBatch(
                 model,
                 spec,
-                batch_prompts,
+                [suffixes[i] for i in indices],
                 pad_id,
                 max_new_tokens,
                 prefix,
@@ -393,20 +462,30 @@ def generate_verdicts(
                 # The layout too: a prefix that cannot be shared for longer answers changes it.
                 (tuple(indices), 0 if prefix is None else prefix.length, len(suffixes[indices[0]])),
             )
-            halted = _decode(
-                batch,
-                [rows[i] for i in indices],
-                absorb,
-                max_new_tokens,
-                drafts,
-                draft_tokens,
-                None if should_stop is None else halt,
-            )
-            del batch  # free the KV cache before the next batch allocates its own
-            if on_batch is not None and all(rows[i].stopped_by is not None for i in indices):
-                on_batch(len(indices))
-            if halted:
-                break
+            return batch, [rows[i] for i in indices]
+
+        reported: set[int] = set()
+
+        def absorb_and_report(active: list[_Row], new: list[list[int]]) -> None:
+            absorb(active, new)
+            if on_batch is None:
+                return
+            for number, indices in enumerate(batches):
+                if number not in reported and all(rows[i].stopped_by is not None for i in indices):
+                    reported.add(number)
+                    on_batch(len(indices))
+
+        _decode(
+            open_next,
+            absorb_and_report,
+            max_new_tokens,
+            batch_size,
+            drafts,
+            draft_tokens,
+            None if should_stop is None else halt,
+            refill,
+            priority,
+        )
 
     for row in rows:
         if row.stopped_by is None:  # skipped, perhaps halfway: no verdict, no partial answer

@@ -58,6 +58,9 @@ class RefusalResult:
         return wilson_interval(self.count, len(self.refused), z)
 
 
+_REFUSED_FIRST = 1_000_000.0  # more than any answer's length in tokens
+
+
 class RefusalScorer:
     """Share of ``texts`` the model refuses, judged by markers on greedy answers. Lower is better.
 
@@ -73,6 +76,9 @@ class RefusalScorer:
     (:mod:`blasphemer.evaluation.frozen`). With ``draft_tokens`` > 0 each forward pass also
     checks that many draft tokens per answer, taken from this scorer's earlier answers to the
     same prompt (:mod:`blasphemer.evaluation.drafts`): fewer passes, the same answers.
+    ``refill`` lets a batch take the next batch's prompts into the rows its decided answers
+    left (:func:`~blasphemer.evaluation.generation.generate_verdicts`): the same answers; the
+    waiting prompts that the last pass refused join first, then those it answered at length.
     """
 
     name = "refusals"
@@ -91,9 +97,12 @@ class RefusalScorer:
         share_prefix: bool = True,
         layer_cache: LayerCache | None = None,
         draft_tokens: int = 0,
+        refill: bool = True,
     ) -> None:
         if not texts:
             raise ValueError("RefusalScorer needs at least one prompt")
+        self.refill = refill
+        self._priority = [0.0] * len(texts)  # see evaluate
         self.layer_cache = layer_cache
         self.loaded = loaded
         self.markers = as_markers(markers)
@@ -149,10 +158,16 @@ class RefusalScorer:
         :attr:`RefusalResult.partial` and its ``rate`` a lower bound over all prompts.
         """
         verdicts = self._generate(self.max_new_tokens, on_batch, should_stop)
-        if self.drafts is not None:
-            for index, verdict in enumerate(verdicts):
-                if verdict.stopped_by is not StopReason.SKIPPED:
-                    self.drafts.record(index, verdict.tokens)
+        for index, verdict in enumerate(verdicts):
+            if verdict.stopped_by is StopReason.SKIPPED:
+                continue  # no verdict: what an earlier pass found stays
+            # Waiting prompts join a batch in this order next time: refused last time first
+            # (decided in a few tokens, and what lets a dominated trial stop), then the
+            # longest answers (started early, they do not hold a batch open at the end).
+            refused_first = _REFUSED_FIRST if verdict.refused else 0.0
+            self._priority[index] = -len(verdict.tokens) - refused_first
+            if self.drafts is not None:
+                self.drafts.record(index, verdict.tokens)
         refused = [verdict.refused for verdict in verdicts]
         return RefusalResult(
             rate=sum(refused) / len(refused),
@@ -189,6 +204,8 @@ class RefusalScorer:
             layer_cache=self.layer_cache,
             drafts=self.drafts,
             draft_tokens=self.draft_tokens,
+            refill=self.refill,
+            priority=self._priority,
         )
 
     def score(self) -> float:
