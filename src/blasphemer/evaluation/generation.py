@@ -370,9 +370,10 @@ def generate_verdicts(
     the model's own arg-max confirms (see :func:`_decode`). ``refill`` lets a batch take the
     next batch's prompts into the rows its decided answers left (see :func:`_decode`; where the
     KV cache cannot be merged exactly the batches simply run one after the other); rows waiting
-    for a place take it in the order of ``priority`` (one number per prompt, lowest first): an
-    order that starts the longest answers and the likeliest refusals first ends a pass sooner,
-    and lets ``should_stop`` stop it sooner. Returns one :class:`Verdict` per prompt, in order.
+    for a place take it in the order of ``priority`` (one number per prompt, lowest first), so
+    that a scorer can start the likeliest refusals and longest answers first (what that gains
+    depends on the edit: bench/results/2026-12-05-refill.md). Returns one :class:`Verdict` per
+    prompt, in order.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
