@@ -549,12 +549,12 @@ class _ScriptedBatch:
 def test_refill_schedule_follows_priority_and_batch_size(refill) -> None:
     """The scheduler alone, on scripted answers: rows join in priority order, a pass never holds
     more than the batch size, and refilling takes fewer passes than batch after batch."""
-    from blasphemer.evaluation.generation import _decode, _Row
+    from blasphemer.evaluation.scheduling import Row, decode_batches
 
     lengths = {0: 12, 1: 2, 2: 3, 3: 12, 4: 1, 5: 1, 6: 12, 7: 4, 8: 12, 9: 2}
     batches = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     priority = [0.0, 0.0, 0.0, 0.0, 0.0, 3.0, -12.0, 1.0, -12.0, 2.0]  # 6 and 8 first
-    rows = [_Row(i) for i in range(10)]
+    rows = [Row(i) for i in range(10)]
     log: dict = {"rows": [], "joined": []}
     pending = iter(batches)
 
@@ -573,7 +573,7 @@ def test_refill_schedule_follows_priority_and_batch_size(refill) -> None:
                     else:
                         row.tokens.append(token)
 
-    halted = _decode(open_next, absorb, 100, 5, None, 0, refill=refill, priority=priority)
+    halted = decode_batches(open_next, absorb, 100, 5, None, 0, refill=refill, priority=priority)
     assert not halted
     assert [len(row.tokens) for row in rows] == [lengths[i] for i in range(10)]
     assert max(log["rows"]) <= 5

@@ -2,7 +2,7 @@
 
     python bench/judge/probe.py          # Qwen2.5-Coder-0.5B-Instruct (fetched); ~25 min, 2 threads
     python bench/judge/probe.py --ask    # also the model asked to judge (test split; ~7 min more)
-    python bench/judge/probe.py --model qwen-1.5b   # the larger Qwen as encoder (~1.5 h, 2 threads)
+    python bench/judge/probe.py --model qwen-1.5b --dtype bfloat16   # the larger Qwen (~35 min)
 
 Two designs issue 14 names besides the shipped encoder judge, both on a pinned Qwen GGUF
 (``--model``: Qwen2.5-Coder-0.5B-Instruct by default, or the 1.5B one):
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ask", action="store_true", help="Also ask the model to judge.")
     parser.add_argument("--model", choices=("qwen", "qwen-1.5b"), default="qwen")
-    # transformers keeps a GGUF's weights packed and computes in float32: bfloat16 only adds casts.
+    # transformers warns that a packed GGUF computes in float32, so bfloat16 only adds casts; on
+    # this CPU (avx512_bf16) it still read 32 answers through the 1.5B in 21 s against 46 s.
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)

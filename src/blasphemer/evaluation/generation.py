@@ -44,7 +44,7 @@ the full answer's first marker comes after token ``m`` (the rule "a marker withi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
@@ -62,6 +62,7 @@ from blasphemer.evaluation.markers import (
     strip_response_prefix,
 )
 from blasphemer.evaluation.prefix import PrefixState, split_prefix
+from blasphemer.evaluation.scheduling import Row, decode_batches
 from blasphemer.loading import input_device
 
 
@@ -203,135 +204,6 @@ def greedy_tokens(
     return results
 
 
-def _decode(
-    open_next: Callable[[], tuple[DecodingBatch, list[_Row]] | None],
-    absorb: Callable[[list[_Row], list[list[int]]], None],
-    max_new_tokens: int,
-    batch_size: int,
-    drafts: DraftBook | None,
-    draft_tokens: int,
-    halt: Callable[[list[_Row]], bool] | None = None,
-    refill: bool = True,
-    priority: Sequence[float] | None = None,
-) -> bool:
-    """Decode the batches ``open_next`` opens (None once there are none left) until every row
-    is decided (``absorb`` takes new tokens), or until ``halt`` (asked after each absorb) says
-    to stop: then return True.
-
-    Without ``refill`` each batch is decoded to its end before the next is opened. With it, a
-    batch whose decided rows left room takes rows of the next batch in their place (prefilled
-    as that batch, then merged: :meth:`DecodingBatch.merge`), so a pass runs as many rows as
-    ``batch_size`` allows for as long as rows are waiting, instead of ending each batch with a
-    few long answers. Every row still gets exactly its own prompt's tokens, so the answers are
-    the same either way (up to arg-max near-ties between batch shapes). At most two batches'
-    KV caches are held at once: the running one and the one its rows come from. Waiting rows
-    join in the order of ``priority`` (per prompt, lowest first; ties keep the batch's order).
-
-    With drafts, a pass feeds each open row's last token and the drafts proposed for it (padded
-    to the longest proposal), and keeps the drafts up to the first one that differs from the
-    model's arg-max before it, plus that arg-max: the tokens one-token passes would give, so the
-    verdicts and answers are the same (up to arg-max near-ties between shapes). Drafting is off
-    where masked-out columns would not be exact (see :meth:`DecodingBatch.can_verify`).
-    """
-    batch: DecodingBatch | None = None
-    active: list[_Row] = []
-    waiting: DecodingBatch | None = None
-    queued: list[_Row] = []
-    book: DraftBook | None = None
-    new: list[list[int]] = []
-    while True:
-        if active:
-            absorb(active, new)
-            if halt is not None and halt(active):
-                return True
-            keep = [position for position, row in enumerate(active) if row.stopped_by is None]
-            if len(keep) < len(active):
-                active = [active[position] for position in keep]
-                if keep:
-                    assert batch is not None
-                    batch.keep(torch.tensor(keep, dtype=torch.long))
-                else:
-                    batch = None
-        while batch is None or (refill and len(active) < batch_size and batch.can_merge()):
-            if waiting is None:
-                opened = open_next()
-                if opened is None:
-                    break
-                waiting, queued = opened
-                absorb(queued, [[token] for token in waiting.prefill().tolist()])
-                if halt is not None and halt(queued):
-                    return True
-                kept = [position for position, row in enumerate(queued) if row.stopped_by is None]
-                if not kept:
-                    waiting, queued = None, []
-                    continue
-                if priority is not None:
-                    kept.sort(key=lambda position: priority[queued[position].index])
-                if kept != list(range(len(queued))):
-                    waiting.keep(torch.tensor(kept, dtype=torch.long))
-                    queued = [queued[position] for position in kept]
-            if batch is None:
-                batch, active, waiting, queued = waiting, queued, None, []
-                can_verify = batch.can_verify(max_new_tokens, draft_tokens)
-                book = drafts if draft_tokens > 0 and can_verify else None
-                continue
-            if not waiting.can_merge():
-                break
-            room = batch_size - len(active)
-            batch.merge(waiting, torch.arange(min(room, len(queued))))
-            active, queued = active + queued[:room], queued[room:]
-            if queued:
-                waiting.keep(torch.arange(room, room + len(queued)))
-            else:
-                waiting = None
-        if batch is None:
-            return False
-        # Every open row's newest token is the one it feeds next (not yet in the KV cache).
-        last = [row.tokens[-1] for row in active]
-        proposals: list[list[int]] = [[] for _ in active]
-        if book is not None:
-            proposals = [
-                book.propose(
-                    row.index, row.tokens, min(draft_tokens, max_new_tokens - len(row.tokens) - 1)
-                )
-                for row in active
-            ]
-        width = max(len(proposal) for proposal in proposals)
-        if width == 0:
-            tokens = torch.tensor(last, dtype=torch.long, device=batch.device)
-            new = [[token] for token in batch.step(tokens).tolist()]
-            continue
-        fed = [
-            [token, *proposal, *[token] * (width - len(proposal))]
-            for token, proposal in zip(last, proposals, strict=True)
-        ]
-        predicted = batch.verify(torch.tensor(fed, dtype=torch.long, device=batch.device)).tolist()
-        accepted = [
-            _confirmed(proposal, row) for proposal, row in zip(proposals, predicted, strict=True)
-        ]
-        batch.accept(torch.tensor(accepted, dtype=torch.long))
-        if book is not None:
-            book.tally(sum(len(proposal) for proposal in proposals), sum(accepted))
-        new = [row[: count + 1] for row, count in zip(predicted, accepted, strict=True)]
-
-
-def _confirmed(proposal: Sequence[int], predicted: Sequence[int]) -> int:
-    """How many drafts of ``proposal`` the arg-max ``predicted`` before each confirms in a row."""
-    count = 0
-    while count < len(proposal) and proposal[count] == predicted[count]:
-        count += 1
-    return count
-
-
-@dataclass
-class _Row:
-    index: int
-    tokens: list[int] = field(default_factory=list)
-    clean: int = 0  # tokens written since the answer first showed content
-    stopped_by: StopReason | None = None
-    refused: bool | None = None  # the verdict, once the row is decided and counted
-
-
 def generate_verdicts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -367,8 +239,8 @@ def generate_verdicts(
     unchanged layers after (:mod:`blasphemer.evaluation.frozen`); pass the same prompts and
     ``batch_size`` every time. With ``drafts`` (one entry per prompt) and ``draft_tokens`` > 0,
     each forward pass feeds a row's next token with up to ``draft_tokens`` drafts and keeps those
-    the model's own arg-max confirms (see :func:`_decode`). ``refill`` lets a batch take the
-    next batch's prompts into the rows its decided answers left (see :func:`_decode`; where the
+    the model's own arg-max confirms. ``refill`` lets a batch take the next batch's prompts into
+    the rows its decided answers left (both: :mod:`blasphemer.evaluation.scheduling`; where the
     KV cache cannot be merged exactly the batches simply run one after the other); rows waiting
     for a place take it in the order of ``priority`` (one number per prompt, lowest first), so
     that a scorer can start the likeliest refusals and longest answers first (what that gains
@@ -387,12 +259,12 @@ def generate_verdicts(
     eos = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer)
     judge_each_step = decided_after is not None or stop_at_marker
-    rows: list[_Row] = [_Row(index) for index in range(len(prompts))]
+    rows: list[Row] = [Row(index) for index in range(len(prompts))]
 
     def judged(text: str) -> str:
         return normalize(strip_response_prefix(text, response_prefix))
 
-    def absorb(active: list[_Row], new: list[list[int]]) -> None:
+    def absorb(active: list[Row], new: list[list[int]]) -> None:
         """Take each row's new tokens in order, judging after each, until it is decided."""
         for slot in range(max(len(tokens) for tokens in new)):
             written = []
@@ -412,7 +284,7 @@ def generate_verdicts(
 
     counted = [0, 0]  # refusals and prompts decided so far
 
-    def halt(active: list[_Row]) -> bool:
+    def halt(active: list[Row]) -> bool:
         """Count the rows of ``active`` decided since the last call; ask ``should_stop``."""
         assert should_stop is not None
         new = [row for row in active if row.stopped_by is not None and row.refused is None]
@@ -430,7 +302,7 @@ def generate_verdicts(
         counted[1] += len(new)
         return should_stop(counted[0], counted[1])
 
-    def decide(open_rows: list[_Row]) -> None:
+    def decide(open_rows: list[Row]) -> None:
         texts = decode_answers(tokenizer, [row.tokens for row in open_rows])
         for row, text in zip(open_rows, texts, strict=True):
             answer = judged(text)
@@ -448,7 +320,7 @@ def generate_verdicts(
             layer_cache.plan(sum(len(b) * max(len(suffixes[i]) for i in b) for b in batches))
         pending = iter(batches)
 
-        def open_next() -> tuple[DecodingBatch, list[_Row]] | None:
+        def open_next() -> tuple[DecodingBatch, list[Row]] | None:
             indices = next(pending, None)
             if indices is None:
                 return None
@@ -467,7 +339,7 @@ def generate_verdicts(
 
         reported: set[int] = set()
 
-        def absorb_and_report(active: list[_Row], new: list[list[int]]) -> None:
+        def absorb_and_report(active: list[Row], new: list[list[int]]) -> None:
             absorb(active, new)
             if on_batch is None:
                 return
@@ -476,7 +348,7 @@ def generate_verdicts(
                     reported.add(number)
                     on_batch(len(indices))
 
-        _decode(
+        decode_batches(
             open_next,
             absorb_and_report,
             max_new_tokens,
