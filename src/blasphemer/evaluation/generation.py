@@ -45,7 +45,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
 
 import torch
@@ -62,8 +61,22 @@ from blasphemer.evaluation.markers import (
     strip_response_prefix,
 )
 from blasphemer.evaluation.prefix import PrefixState, split_prefix
-from blasphemer.evaluation.scheduling import Row, decode_batches
+from blasphemer.evaluation.scheduling import Row, StopReason, decode_batches
 from blasphemer.loading import input_device
+
+__all__ = [
+    "ModelLike",
+    "StopReason",
+    "Verdict",
+    "decode_answers",
+    "encode_texts",
+    "eos_token_ids",
+    "generate_verdicts",
+    "greedy_tokens",
+    "length_sorted_batches",
+    "pad_token_id",
+    "shared_prefix",
+]
 
 
 class ModelLike(Protocol):
@@ -74,16 +87,6 @@ class ModelLike(Protocol):
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase: ...
-
-
-class StopReason(StrEnum):
-    """Why an answer stopped."""
-
-    MARKER = "marker"  # a refusal marker appeared
-    EOS = "eos"  # the model ended its answer
-    DECIDED = "decided"  # ``decided_after`` tokens with content and no marker: compliant
-    LENGTH = "length"  # ``max_new_tokens`` reached
-    SKIPPED = "skipped"  # never generated: ``should_stop`` ended the evaluation first
 
 
 @dataclass(frozen=True)

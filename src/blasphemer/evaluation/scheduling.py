@@ -10,15 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from enum import StrEnum
 
 import torch
 
 from blasphemer.evaluation.decoding import DecodingBatch
 from blasphemer.evaluation.drafts import DraftBook
 
-if TYPE_CHECKING:
-    from blasphemer.evaluation.generation import StopReason
+
+class StopReason(StrEnum):
+    """Why an answer stopped."""
+
+    MARKER = "marker"  # a refusal marker appeared
+    EOS = "eos"  # the model ended its answer
+    DECIDED = "decided"  # ``decided_after`` tokens with content and no marker: compliant
+    LENGTH = "length"  # ``max_new_tokens`` reached
+    SKIPPED = "skipped"  # never generated: ``should_stop`` ended the evaluation first
 
 
 @dataclass
