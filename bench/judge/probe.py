@@ -2,7 +2,7 @@
 
     python bench/judge/probe.py          # Qwen2.5-Coder-0.5B-Instruct (fetched); ~25 min, 2 threads
     python bench/judge/probe.py --ask    # also the model asked to judge (test split; ~7 min more)
-    python bench/judge/probe.py --model qwen-1.5b --dtype bfloat16   # the larger Qwen (~35 min)
+    python bench/judge/probe.py --model qwen-1.5b --dtype bfloat16   # the larger Qwen (~1 h)
 
 Two designs issue 14 names besides the shipped encoder judge, both on a pinned Qwen GGUF
 (``--model``: Qwen2.5-Coder-0.5B-Instruct by default, or the 1.5B one):
