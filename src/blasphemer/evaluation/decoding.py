@@ -222,38 +222,27 @@ class DecodingBatch:
         """
         if not (self.can_merge() and other.can_merge()):
             raise ValueError("these batches cannot be merged (see DecodingBatch.can_merge)")
+        layers = list(zip(self.cache.layers, other.cache.layers, strict=True))
+        if any(
+            layer.keys.shape[-2] != self.length or source.keys.shape[-2] != other.length
+            for layer, source in layers
+        ):
+            raise ValueError("a batch's KV cache does not hold the columns it fed")
         rows = rows.to(other.device)
-        width = max(self.length, other.length)
-        mine = self._mask_columns()
-        theirs = other._mask_columns()
+        mine, theirs = self._mask_columns(), other._mask_columns()
         if mine is None:
             mine = torch.ones((self.rows, self.length), dtype=torch.long, device=self.device)
         if theirs is None:
-            theirs = torch.ones((other.rows, other.length), dtype=torch.long, device=self.device)
-        self.mask = torch.cat(
-            [_pad_left(mine, width - self.length), _pad_left(theirs[rows], width - other.length)]
-        )
-        for layer, source in zip(self.cache.layers, other.cache.layers, strict=True):
-            if layer.keys.shape[-2] != self.length or source.keys.shape[-2] != other.length:
-                raise ValueError("a batch's KV cache does not hold the columns it fed")
+            theirs = torch.ones((other.rows, other.length), dtype=torch.long, device=other.device)
+        self.mask = _right_aligned(mine, theirs.index_select(0, rows), dim=-1)
+        for layer, source in layers:
             picked = rows.to(source.keys.device)  # layers may sit on several devices
-            for name in ("keys", "values"):
-                setattr(
-                    layer,
-                    name,
-                    torch.cat(
-                        [
-                            _pad_left(getattr(layer, name), width - self.length, dim=-2),
-                            _pad_left(
-                                getattr(source, name).index_select(0, picked),
-                                width - other.length,
-                                dim=-2,
-                            ).to(getattr(layer, name).device),
-                        ]
-                    ),
-                )
+            layer.keys = _right_aligned(layer.keys, source.keys.index_select(0, picked), dim=-2)
+            layer.values = _right_aligned(
+                layer.values, source.values.index_select(0, picked), dim=-2
+            )
         self.positions = torch.cat([self.positions, other.positions.index_select(0, rows)])
-        self.length = width
+        self.length = max(self.length, other.length)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (indices into the current batch), in the KV cache too."""
@@ -266,10 +255,13 @@ class DecodingBatch:
         self.cache.reorder_cache(rows)
 
 
-def _pad_left(tensor: torch.Tensor, columns: int, dim: int = -1) -> torch.Tensor:
-    """``tensor`` with ``columns`` zero columns prepended along ``dim``."""
-    if columns == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = columns
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+def _right_aligned(first: torch.Tensor, second: torch.Tensor, dim: int) -> torch.Tensor:
+    """``first`` then ``second`` along the batch dimension, the one with fewer columns along
+    ``dim`` given zero columns on the left (on ``first``'s device)."""
+    width = max(first.shape[dim], second.shape[dim])
+    parts = []
+    for part in (first, second.to(first.device)):
+        shape = list(part.shape)
+        shape[dim] = width - part.shape[dim]
+        parts.append(torch.cat([part.new_zeros(shape), part], dim=dim))
+    return torch.cat(parts)
