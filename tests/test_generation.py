@@ -8,6 +8,8 @@ the random model actually writes (some answers refused, some not, at various pos
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import pairwise
 
 import pytest
@@ -154,6 +156,21 @@ def expected_early(
     return len(full), markers.refuses(judged)
 
 
+@contextmanager
+def rows_per_forward(model: torch.nn.Module) -> Iterator[list[int]]:
+    """The rows of every forward call of ``model`` while the block runs, in order."""
+    rows: list[int] = []
+
+    def count(_module, args, kwargs):
+        rows.append(int(kwargs["input_ids"].shape[0]))
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
 def run(model, tokenizer, texts, markers, **kwargs) -> list[Verdict]:
     kwargs.setdefault("max_new_tokens", MAX_NEW)
     kwargs.setdefault("batch_size", 8)
@@ -237,20 +254,12 @@ def test_decided_rows_leave_the_batch(llama, tokenizer, texts) -> None:
     """Early stopping must really shrink the batch, not just mask finished rows."""
     _, responses = hf_generate(llama, tokenizer, texts)
     markers = pick_markers(responses)
-    rows_per_call: list[int] = []
-
-    def count(_module, args, kwargs):
-        rows_per_call.append(int(kwargs["input_ids"].shape[0]))
-
-    handle = llama.register_forward_pre_hook(count, with_kwargs=True)
-    try:
+    with rows_per_forward(llama) as rows_per_call:
         run(llama, tokenizer, texts, markers, decided_after=None, batch_size=32)
         full_work, full_calls = sum(rows_per_call), len(rows_per_call)
         rows_per_call.clear()
         run(llama, tokenizer, texts, markers, decided_after=3, batch_size=32)
         early_work, early_calls = sum(rows_per_call), len(rows_per_call)
-    finally:
-        handle.remove()
     assert all(a >= b for a, b in pairwise(rows_per_call))  # one batch: it only shrinks
     assert early_calls <= full_calls
     assert early_work < full_work / 2
@@ -428,23 +437,13 @@ def test_refill_keeps_every_answer_and_saves_passes(llama, tokenizer, texts, opt
     never more rows per pass than the batch size, and fewer passes than batch after batch."""
     tokens, responses = hf_generate(llama, tokenizer, texts)
     markers = pick_markers(responses)
-    rows_per_call: list[int] = []
-
-    def count(_module, args, kwargs):
-        rows_per_call.append(int(kwargs["input_ids"].shape[0]))
-
-    handle = llama.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        runs = {}
-        calls = {}
-        for refill in (False, True):
-            rows_per_call.clear()
+    runs = {}
+    calls = {}
+    for refill in (False, True):
+        with rows_per_forward(llama) as calls[refill]:
             runs[refill] = run(
                 llama, tokenizer, texts, markers, batch_size=5, refill=refill, **options
             )
-            calls[refill] = list(rows_per_call)
-    finally:
-        handle.remove()
     assert runs[True] == runs[False]
     if options["decided_after"] is None and not options.get("stop_at_marker"):
         assert [list(v.tokens) for v in runs[True]] == tokens
