@@ -3,6 +3,7 @@
     python bench/judge/probe.py          # Qwen2.5-Coder-0.5B-Instruct (fetched); ~25 min, 2 threads
     python bench/judge/probe.py --ask    # also the model asked to judge (test split; ~7 min more)
     python bench/judge/probe.py --model qwen-1.5b --dtype bfloat16   # the larger Qwen (~1 h)
+    python bench/judge/probe.py --read question --dtype bfloat16   # the question-reading probe
 
 Two designs issue 14 names besides the shipped encoder judge, both on a pinned Qwen GGUF
 (``--model``: Qwen2.5-Coder-0.5B-Instruct by default, or the 1.5B one):
@@ -12,6 +13,9 @@ Two designs issue 14 names besides the shipped encoder judge, both on a pinned Q
   L2 penalty). The layers and the penalty are chosen by 4-fold cross-validation on the judge's
   training split (folds by prompt), from the fixed grid below; the choice is then fitted on the
   whole training split and measured once on the test split and the unseen set.
+  With ``--read question`` the probe reads instead the hidden state at the last token of the
+  judging question below (the request and the reply quoted inside it, the assistant's turn
+  opened): one state per layer, conditioned on what is asked about the pair.
 * **ask** (``--ask``): the model is asked "Did the assistant do what the user asked? Answer yes
   or no."; the score is log p(no) - log p(yes) at the answer token, no training.
 
@@ -110,6 +114,43 @@ def response_means(model, tokenizer, rows: list[dict]) -> torch.Tensor:
     return torch.stack(out)  # type: ignore[arg-type]
 
 
+@torch.inference_mode()
+def question_states(model, tokenizer, rows: list[dict]) -> torch.Tensor:
+    """[answers, layers + 1, hidden]: each layer's hidden state at the last token of the judging
+    question (``QUESTION`` as the user's turn, then the assistant's turn opened), so that the
+    state read is conditioned on the request, the reply and what is asked about them."""
+    pieces = []
+    for row in rows:
+        reply = tokenizer(row["response"] or " ", add_special_tokens=False).input_ids
+        text = QUESTION.format(
+            prompt=row["prompt"][:MAX_PROMPT_CHARS],
+            response=tokenizer.decode(reply[:MAX_RESPONSE_TOKENS]),
+        )
+        turn = [{"role": "user", "content": text}]
+        chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        pieces.append(tokenizer(chat, add_special_tokens=False).input_ids)
+    order = sorted(range(len(rows)), key=lambda i: len(pieces[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    for start in range(0, len(order), BATCH):
+        chunk = order[start : start + BATCH]
+        width = max(len(pieces[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, i in enumerate(chunk):
+            ids[b, : len(pieces[i])] = torch.tensor(pieces[i])
+            attention[b, : len(pieces[i])] = 1
+        states = model.model(
+            input_ids=ids, attention_mask=attention, output_hidden_states=True
+        ).hidden_states
+        last = attention.sum(1) - 1
+        rows_at = torch.arange(len(chunk))
+        at_last = torch.stack([h[rows_at, last] for h in states], 1)
+        for b, i in enumerate(chunk):
+            out[i] = at_last[b].float()
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
 def fit_logistic(features: torch.Tensor, target: torch.Tensor, penalty: float):
     """A logistic regression on standardised features; returns the logit function."""
     x = features.double()
@@ -205,6 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     # this CPU (avx512_bf16) it still read 32 answers through the 1.5B in 21 s against 46 s.
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--read",
+        choices=("reply", "question"),
+        default="reply",
+        help="reply: the response tokens' states, averaged, the answer read as the model's own "
+        "reply; question: the state at the last token of the judging question.",
+    )
+    parser.add_argument(
+        "--save-features", type=Path, default=None, help="Also save the features (torch.save)."
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--limit", type=int, default=None, help="At most N answers per split (a smoke check)."
@@ -221,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
     model, tokenizer = load_model(gguf, getattr(torch, args.dtype))
     started = time.perf_counter()
-    features = response_means(model, tokenizer, rows)
+    read = response_means if args.read == "reply" else question_states
+    features = read(model, tokenizer, rows)
     feature_s = time.perf_counter() - started
+    if args.save_features:
+        torch.save({"features": features, "ids": [r["id"] for r in rows]}, args.save_features)
     print(f"features of {len(rows)} answers: {feature_s:.0f} s", flush=True)
     choice = choose_probe(features, rows, layer_sets(model.config.num_hidden_layers))
     layers, penalty = choice["chosen"]["layers"], choice["chosen"]["penalty"]
@@ -233,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, object] = {
         "model": gguf.name,
         "dtype": args.dtype,
+        "read": args.read,
         "threads": args.threads,
         "probe_seconds_per_100_answers": round(100 * feature_s / len(rows), 1),
         "n": {s: sum(r["split"] == s for r in rows) for s in ("train", "test", "unseen")},
