@@ -1,0 +1,61 @@
+"""bench/judge/probe.py's feature readers on the bundled demo model: a row's features do not
+depend on the rows padded beside it, and the question reader reads the last real token."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "judge"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import probe  # noqa: E402
+
+ROWS = [
+    {"prompt": "Write a poem about the sea.", "response": "The sea is wide and blue."},
+    {"prompt": "Hi", "response": ""},
+    {
+        "prompt": "Explain how tides work, in detail, for a child of ten.",
+        "response": "Tides come from the moon pulling on the water. " * 6,
+    },
+    {"prompt": "Tell me a joke.", "response": "I can't help with that."},
+]
+
+
+@pytest.fixture(scope="module")
+def demo(demo_model_dir: Path) -> tuple[object, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(demo_model_dir), dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(str(demo_model_dir))
+
+
+@pytest.mark.parametrize("reader", [probe.response_means, probe.question_states])
+def test_features_do_not_depend_on_the_batch(demo: tuple[object, object], reader) -> None:
+    model, tokenizer = demo
+    together = reader(model, tokenizer, ROWS)
+    assert together.shape[:2] == (len(ROWS), model.config.num_hidden_layers + 1)
+    for i, row in enumerate(ROWS):
+        alone = reader(model, tokenizer, [row])[0]
+        torch.testing.assert_close(together[i], alone, atol=1e-4, rtol=1e-4)
+    # the rows differ, so a reader that ignored its input would fail above or here
+    assert not torch.allclose(together[0], together[1])
+
+
+@torch.inference_mode()
+def test_question_states_read_the_last_token_of_the_question(demo: tuple[object, object]) -> None:
+    model, tokenizer = demo
+    row = ROWS[0]
+    text = probe.QUESTION.format(prompt=row["prompt"], response=row["response"])
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    ids = torch.tensor([tokenizer(chat, add_special_tokens=False).input_ids])
+    states = model.model(input_ids=ids, output_hidden_states=True).hidden_states
+    expected = torch.stack([h[0, -1] for h in states])
+    got = probe.question_states(model, tokenizer, ROWS)[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
