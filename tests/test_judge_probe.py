@@ -59,3 +59,13 @@ def test_question_states_read_the_last_token_of_the_question(demo: tuple[object,
     expected = torch.stack([h[0, -1] for h in states])
     got = probe.question_states(model, tokenizer, ROWS)[0]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_model_path_takes_a_folder_and_names_what_it_is_not(
+    demo_model_dir: Path, tmp_path: Path
+) -> None:
+    assert probe.model_path(str(demo_model_dir)) == demo_model_dir
+    model, _ = probe.load_model(demo_model_dir)
+    assert model.config.num_hidden_layers >= 1
+    with pytest.raises(SystemExit, match=r"not a pinned model, a \.gguf file or a model folder"):
+        probe.model_path(str(tmp_path / "nothing"))

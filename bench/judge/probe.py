@@ -4,9 +4,11 @@
     python bench/judge/probe.py --ask    # also the model asked to judge (test split; ~7 min more)
     python bench/judge/probe.py --model qwen-1.5b --dtype bfloat16   # the larger Qwen (~1 h)
     python bench/judge/probe.py --read question --dtype bfloat16   # the question-reading probe
+    python bench/judge/probe.py --read question --model FOLDER_OR.gguf --device cuda  # any model
 
 Two designs issue 14 names besides the shipped encoder judge, both on a pinned Qwen GGUF
-(``--model``: Qwen2.5-Coder-0.5B-Instruct by default, or the 1.5B one):
+(``--model``: Qwen2.5-Coder-0.5B-Instruct by default, or the 1.5B one; or any local GGUF file
+or Hugging Face model folder, e.g. a larger instruct model on a GPU with ``--device cuda``):
 
 * **probe**: the model reads (prompt, response) as its own chat turn; the hidden states of the
   response tokens, averaged, at some layers, feed a logistic regression (standardised features,
@@ -71,12 +73,27 @@ def layer_sets(n_layers: int) -> list[list[int]]:
     return [[at[i] for i in chosen] for chosen in LAYER_SETS]
 
 
-def load_model(gguf: Path, dtype: torch.dtype = torch.float32) -> tuple[object, object]:
+def load_model(
+    path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[object, object]:
+    """A GGUF file or a Hugging Face model folder, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
-    return model.eval(), tokenizer
+    where = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    folder = str(path.parent) if where else str(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **where)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **where)
+    return model.to(device).eval(), tokenizer
+
+
+def model_path(name: str) -> Path:
+    """``--model``: a pinned model's key (fetched), else a GGUF file or a model folder."""
+    if name in bench_models.MODELS:
+        return bench_models.fetch(name)
+    path = Path(name)
+    if not (path.suffix == ".gguf" and path.is_file()) and not (path / "config.json").is_file():
+        raise SystemExit(f"--model {name}: not a pinned model, a .gguf file or a model folder")
+    return path
 
 
 @torch.inference_mode()
@@ -105,12 +122,14 @@ def response_means(model, tokenizer, rows: list[dict]) -> torch.Tensor:
             attention[b, : len(head_ids) + len(reply)] = 1
             reply_mask[b, len(head_ids) : len(head_ids) + len(reply)] = 1
         states = model.model(
-            input_ids=ids, attention_mask=attention, output_hidden_states=True
+            input_ids=ids.to(model.device),
+            attention_mask=attention.to(model.device),
+            output_hidden_states=True,
         ).hidden_states
-        weights = (reply_mask / reply_mask.sum(1, keepdim=True)).unsqueeze(-1)
-        means = torch.stack([(h * weights).sum(1) for h in states], 1)
+        weights = (reply_mask / reply_mask.sum(1, keepdim=True)).unsqueeze(-1).to(model.device)
+        means = torch.stack([(h * weights).sum(1) for h in states], 1).float().cpu()
         for b, i in enumerate(chunk):
-            out[i] = means[b].float()
+            out[i] = means[b]
     return torch.stack(out)  # type: ignore[arg-type]
 
 
@@ -141,13 +160,15 @@ def question_states(model, tokenizer, rows: list[dict]) -> torch.Tensor:
             ids[b, : len(pieces[i])] = torch.tensor(pieces[i])
             attention[b, : len(pieces[i])] = 1
         states = model.model(
-            input_ids=ids, attention_mask=attention, output_hidden_states=True
+            input_ids=ids.to(model.device),
+            attention_mask=attention.to(model.device),
+            output_hidden_states=True,
         ).hidden_states
         last = attention.sum(1) - 1
         rows_at = torch.arange(len(chunk))
-        at_last = torch.stack([h[rows_at, last] for h in states], 1)
+        at_last = torch.stack([h[rows_at, last].float().cpu() for h in states], 1)
         for b, i in enumerate(chunk):
-            out[i] = at_last[b].float()
+            out[i] = at_last[b]
     return torch.stack(out)  # type: ignore[arg-type]
 
 
@@ -232,7 +253,7 @@ def ask(model, tokenizer, rows: list[dict]) -> list[float]:
         text = QUESTION.format(prompt=row["prompt"][:600], response=row["response"][:600])
         chat = [{"role": "user", "content": text}]
         prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
         logp = model(ids).logits[0, -1].log_softmax(-1)
         scores.append(float(torch.logsumexp(logp[no], 0) - torch.logsumexp(logp[yes], 0)))
     return scores
@@ -241,7 +262,12 @@ def ask(model, tokenizer, rows: list[dict]) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ask", action="store_true", help="Also ask the model to judge.")
-    parser.add_argument("--model", choices=("qwen", "qwen-1.5b"), default="qwen")
+    parser.add_argument(
+        "--model",
+        default="qwen",
+        help="qwen or qwen-1.5b (pinned, fetched), or a local GGUF file or model folder",
+    )
+    parser.add_argument("--device", default="cpu", help="e.g. cuda for a larger model on a GPU")
     # transformers warns that a packed GGUF computes in float32, so bfloat16 only adds casts; on
     # this CPU (avx512_bf16) it still read 32 answers through the 1.5B in 21 s against 46 s.
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -262,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gguf = bench_models.fetch(args.model)
+    path = model_path(args.model)
     rows = labelled_rows()
     if args.limit:
         rows = [
@@ -270,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in ("train", "test", "unseen")
             for r in [x for x in rows if x["split"] == s][: args.limit]
         ]
-    model, tokenizer = load_model(gguf, getattr(torch, args.dtype))
+    model, tokenizer = load_model(path, getattr(torch, args.dtype), args.device)
     started = time.perf_counter()
     read = response_means if args.read == "reply" else question_states
     features = read(model, tokenizer, rows)
@@ -285,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = fit_logistic(features[train_idx][:, layers].flatten(1), target, penalty)
     encoder = SemanticJudge(str(bench_models.fetch("minilm")))
     report: dict[str, object] = {
-        "model": gguf.name,
+        "model": path.name,
         "dtype": args.dtype,
         "read": args.read,
         "threads": args.threads,
