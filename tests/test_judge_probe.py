@@ -3,6 +3,7 @@ depend on the rows padded beside it, and the question reader reads the last real
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -69,3 +70,36 @@ def test_model_path_takes_a_folder_and_names_what_it_is_not(
     assert model.config.num_hidden_layers >= 1
     with pytest.raises(SystemExit, match=r"not a pinned model, a \.gguf file or a model folder"):
         probe.model_path(str(tmp_path / "nothing"))
+
+
+def _saved_probe(tmp_path: Path, name: str, features: torch.Tensor, ids: list[str]) -> Path:
+    torch.save({"features": features, "ids": ids}, tmp_path / f"{name}.pt")
+    chosen = {"layers": [0], "penalty": 0.01}
+    (tmp_path / f"{name}.json").write_text(json.dumps({"probe_choice": {"chosen": chosen}}))
+    return tmp_path / name
+
+
+def test_combine_probes_adds_logits_and_refuses_other_answers(tmp_path: Path) -> None:
+    import combine_probes
+
+    rows = probe.labelled_rows()
+    ids = [r["id"] for r in rows]
+    label = torch.tensor([float(r["refusal"]) for r in rows])
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(rows), 1, 4, generator=generator)
+    informative = noise.clone()
+    informative[:, 0, 0] += 4 * (2 * label - 1)  # one feature that carries the label
+    good = _saved_probe(tmp_path, "good", informative, ids)
+    bad = _saved_probe(tmp_path, "bad", noise, ids)
+    out = tmp_path / "both.json"
+    args = [f"{good}.json", f"{good}.pt", f"{bad}.json", f"{bad}.pt", "--out", str(out)]
+    assert combine_probes.main(args) == 0
+    test = json.loads(out.read_text())["test"]
+    assert test["first"]["all"]["accuracy"] > 0.95  # the informative probe
+    assert test["second"]["all"]["accuracy"] < 0.8  # noise
+    assert test["sum"]["all"]["accuracy"] > 0.9  # the noise probe's logits are small beside
+    shuffled = _saved_probe(tmp_path, "shuffled", noise, ids[::-1])
+    with pytest.raises(SystemExit, match="not the labelled set's"):
+        combine_probes.main(
+            [f"{good}.json", f"{good}.pt", f"{shuffled}.json", f"{shuffled}.pt", "--out", str(out)]
+        )
