@@ -31,15 +31,10 @@ def probe_logits(result: Path, saved: Path, rows: list[dict]) -> dict[str, list[
     data = torch.load(saved)
     if data["ids"] != [r["id"] for r in rows]:
         raise SystemExit(f"{saved}: its answers are not the labelled set's; run probe.py again")
-    features, layers = data["features"], chosen["layers"]
-    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train"]
-    target = torch.tensor([float(rows[i]["refusal"]) for i in train_idx])
-    penalty = chosen["penalty"]
-    fitted = probe.fit_logistic(features[train_idx][:, layers].flatten(1), target, penalty)
+    features = data["features"]
+    fitted = probe.fit_chosen(features, rows, chosen["layers"], chosen["penalty"])
     return {
-        split: fitted(
-            features[[i for i, r in enumerate(rows) if r["split"] == split]][:, layers].flatten(1)
-        ).tolist()
+        split: fitted(features[[i for i, r in enumerate(rows) if r["split"] == split]]).tolist()
         for split in ("test", "unseen")
     }
 

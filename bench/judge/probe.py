@@ -97,48 +97,54 @@ def model_path(name: str) -> Path:
 
 
 @torch.inference_mode()
-def response_means(model, tokenizer, rows: list[dict]) -> torch.Tensor:
-    """[answers, layers + 1, hidden]: each layer's hidden states averaged over the response
-    tokens, the answer read as the model's own reply to the prompt (batched, right-padded)."""
-    pieces = []
-    for row in rows:
-        turn = [{"role": "user", "content": row["prompt"][:MAX_PROMPT_CHARS]}]
-        head = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-        head_ids = tokenizer(head, add_special_tokens=False).input_ids
-        reply = tokenizer(row["response"] or " ", add_special_tokens=False).input_ids
-        pieces.append((head_ids, reply[:MAX_RESPONSE_TOKENS]))
-    order = sorted(range(len(rows)), key=lambda i: len(pieces[i][0]) + len(pieces[i][1]))
+def span_means(model, tokenizer, spans: list[tuple[list[int], int, int]]) -> torch.Tensor:
+    """[sequences, layers + 1, hidden]: for each ``(ids, start, end)``, every layer's hidden
+    states averaged over tokens ``start:end`` (batched shortest first, right-padded)."""
+    order = sorted(range(len(spans)), key=lambda i: len(spans[i][0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    for start in range(0, len(order), BATCH):
-        chunk = order[start : start + BATCH]
-        width = max(len(pieces[i][0]) + len(pieces[i][1]) for i in chunk)
+    out: list[torch.Tensor | None] = [None] * len(spans)
+    for first in range(0, len(order), BATCH):
+        chunk = order[first : first + BATCH]
+        width = max(len(spans[i][0]) for i in chunk)
         ids = torch.full((len(chunk), width), pad)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        reply_mask = torch.zeros((len(chunk), width))
+        weights = torch.zeros((len(chunk), width))
         for b, i in enumerate(chunk):
-            head_ids, reply = pieces[i]
-            ids[b, : len(head_ids) + len(reply)] = torch.tensor(head_ids + reply)
-            attention[b, : len(head_ids) + len(reply)] = 1
-            reply_mask[b, len(head_ids) : len(head_ids) + len(reply)] = 1
+            sequence, start, end = spans[i]
+            ids[b, : len(sequence)] = torch.tensor(sequence)
+            attention[b, : len(sequence)] = 1
+            weights[b, start:end] = 1 / (end - start)
         states = model.model(
             input_ids=ids.to(model.device),
             attention_mask=attention.to(model.device),
             output_hidden_states=True,
         ).hidden_states
-        weights = (reply_mask / reply_mask.sum(1, keepdim=True)).unsqueeze(-1).to(model.device)
+        weights = weights.unsqueeze(-1).to(model.device)
         means = torch.stack([(h * weights).sum(1) for h in states], 1).float().cpu()
         for b, i in enumerate(chunk):
             out[i] = means[b]
     return torch.stack(out)  # type: ignore[arg-type]
 
 
-@torch.inference_mode()
+def response_means(model, tokenizer, rows: list[dict]) -> torch.Tensor:
+    """[answers, layers + 1, hidden]: each layer's hidden states averaged over the response
+    tokens, the answer read as the model's own reply to the prompt."""
+    spans = []
+    for row in rows:
+        turn = [{"role": "user", "content": row["prompt"][:MAX_PROMPT_CHARS]}]
+        head = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        head_ids = tokenizer(head, add_special_tokens=False).input_ids
+        reply = tokenizer(row["response"] or " ", add_special_tokens=False).input_ids
+        reply = reply[:MAX_RESPONSE_TOKENS]
+        spans.append((head_ids + reply, len(head_ids), len(head_ids) + len(reply)))
+    return span_means(model, tokenizer, spans)
+
+
 def question_states(model, tokenizer, rows: list[dict]) -> torch.Tensor:
     """[answers, layers + 1, hidden]: each layer's hidden state at the last token of the judging
     question (``QUESTION`` as the user's turn, then the assistant's turn opened), so that the
     state read is conditioned on the request, the reply and what is asked about them."""
-    pieces = []
+    spans = []
     for row in rows:
         reply = tokenizer(row["response"] or " ", add_special_tokens=False).input_ids
         text = QUESTION.format(
@@ -147,29 +153,9 @@ def question_states(model, tokenizer, rows: list[dict]) -> torch.Tensor:
         )
         turn = [{"role": "user", "content": text}]
         chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-        pieces.append(tokenizer(chat, add_special_tokens=False).input_ids)
-    order = sorted(range(len(rows)), key=lambda i: len(pieces[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    for start in range(0, len(order), BATCH):
-        chunk = order[start : start + BATCH]
-        width = max(len(pieces[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for b, i in enumerate(chunk):
-            ids[b, : len(pieces[i])] = torch.tensor(pieces[i])
-            attention[b, : len(pieces[i])] = 1
-        states = model.model(
-            input_ids=ids.to(model.device),
-            attention_mask=attention.to(model.device),
-            output_hidden_states=True,
-        ).hidden_states
-        last = attention.sum(1) - 1
-        rows_at = torch.arange(len(chunk))
-        at_last = torch.stack([h[rows_at, last].float().cpu() for h in states], 1)
-        for b, i in enumerate(chunk):
-            out[i] = at_last[b]
-    return torch.stack(out)  # type: ignore[arg-type]
+        ids = tokenizer(chat, add_special_tokens=False).input_ids
+        spans.append((ids, len(ids) - 1, len(ids)))
+    return span_means(model, tokenizer, spans)
 
 
 def fit_logistic(features: torch.Tensor, target: torch.Tensor, penalty: float):
@@ -194,6 +180,15 @@ def fit_logistic(features: torch.Tensor, target: torch.Tensor, penalty: float):
     optimizer.step(closure)
     weights = w.detach()
     return lambda f: ((f.double() - mean) / std) @ weights[:-1] + weights[-1]
+
+
+def fit_chosen(features: torch.Tensor, rows: list[dict], layers: list[int], penalty: float):
+    """The probe at ``layers`` and ``penalty`` fitted on the whole training split; returns the
+    logit function of features shaped like ``features`` ([answers, layers + 1, hidden])."""
+    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    target = torch.tensor([float(rows[i]["refusal"]) for i in train_idx])
+    logit = fit_logistic(features[train_idx][:, layers].flatten(1), target, penalty)
+    return lambda f: logit(f[:, layers].flatten(1))
 
 
 def choose_probe(
@@ -306,9 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"features of {len(rows)} answers: {feature_s:.0f} s", flush=True)
     choice = choose_probe(features, rows, layer_sets(model.config.num_hidden_layers))
     layers, penalty = choice["chosen"]["layers"], choice["chosen"]["penalty"]
-    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train"]
-    target = torch.tensor([float(rows[i]["refusal"]) for i in train_idx])
-    probe = fit_logistic(features[train_idx][:, layers].flatten(1), target, penalty)
+    probe = fit_chosen(features, rows, layers, penalty)
     encoder = SemanticJudge(str(bench_models.fetch("minilm")))
     report: dict[str, object] = {
         "model": path.name,
@@ -322,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("test", "unseen"):
         idx = [i for i, r in enumerate(rows) if r["split"] == split]
         sub = [rows[i] for i in idx]
-        probe_logit = probe(features[idx][:, layers].flatten(1)).tolist()
+        probe_logit = probe(features[idx]).tolist()
         p = encoder.probabilities([Answer(r["prompt"], r["response"], 1) for r in sub])
         encoder_logit = [math.log(max(q, 1e-6) / max(1 - q, 1e-6)) for q in p]
         both = [a + b for a, b in zip(probe_logit, encoder_logit, strict=True)]
